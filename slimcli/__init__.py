@@ -1,0 +1,53 @@
+"""slim: network slimming with nonconvex penalties.
+
+Public API (stable): :func:`create_penalty`, :class:`Penalty`, the registries and their
+decorators, :class:`SlimError` and its subclasses.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from slimcli.errors import (  # noqa: E402
+    CheckpointError,
+    DataError,
+    ExportError,
+    PluginError,
+    PruneError,
+    SlimError,
+    TrainingError,
+    UsageError,
+)
+from slimcli.penalties import Penalty, add_penalty_grad, apply_prox, create_penalty  # noqa: E402
+from slimcli.registry import (  # noqa: E402
+    ARCHS,
+    DATASETS,
+    PENALTIES,
+    Option,
+    register_arch,
+    register_dataset,
+    register_penalty,
+)
+
+__all__ = [
+    "ARCHS",
+    "DATASETS",
+    "PENALTIES",
+    "CheckpointError",
+    "DataError",
+    "ExportError",
+    "Option",
+    "Penalty",
+    "PluginError",
+    "PruneError",
+    "SlimError",
+    "TrainingError",
+    "UsageError",
+    "__version__",
+    "add_penalty_grad",
+    "apply_prox",
+    "create_penalty",
+    "register_arch",
+    "register_dataset",
+    "register_penalty",
+]

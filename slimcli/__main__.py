@@ -1,0 +1,6 @@
+"""``python -m slimcli`` runs the command line."""
+
+from slimcli.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""The ``slim`` command line: thin commands that parse, call the library and render.
+
+Each command lives in its own module and registers itself on :data:`app`; :func:`main`
+turns library errors into one ``Error: …`` line (exit 1, or 2 for usage errors).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from slimcli.cli import list as _list  # noqa: F401  (registers the command)
+from slimcli.cli.app import app
+from slimcli.errors import SlimError
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``slim`` console script."""
+    debug = os.environ.get("SLIM_DEBUG", "").strip() not in ("", "0")
+    try:
+        app(args=argv, prog_name="slim")
+    except SlimError as exc:
+        if debug:
+            raise
+        print(f"Error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("Error: interrupted", file=sys.stderr)
+        sys.exit(130)

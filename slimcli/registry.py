@@ -1,0 +1,358 @@
+"""Plugin registries for penalties, architectures and datasets.
+
+A plugin is a class decorated with ``@register_penalty("name")`` (or ``register_arch``,
+``register_dataset``) that declares typed :class:`Option` s. Built-in plugins are the
+modules of ``slimcli.penalties``, ``slimcli.archs`` and ``slimcli.data``; third-party ones
+come from the entry-point groups ``slim.penalties``, ``slim.archs``, ``slim.datasets``
+(value: a module to import) and from files listed in ``SLIM_PLUGINS`` (``:``-separated).
+All three paths go through the same decorator, so a built-in is registered exactly like
+a plugin someone else wrote.
+
+Spec strings name a plugin with options: ``NAME[:key=value[,key=value…]]``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import os
+import pkgutil
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from slimcli.errors import PluginError, UsageError
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One typed option of a plugin.
+
+    ``check`` is a predicate on the converted value and ``rule`` the human-readable range
+    it enforces (shown in ``slim list`` and in the error when the check fails).
+    """
+
+    name: str
+    type: type
+    default: Any
+    help: str = ""
+    choices: tuple[Any, ...] | None = None
+    check: Callable[[Any], bool] | None = None
+    rule: str = ""
+
+    def convert(self, raw: Any, plugin: str) -> Any:
+        """Turn a spec-string value (or a Python value) into this option's type and validate it."""
+        value = raw
+        if self.default is None and (raw is None or (isinstance(raw, str) and raw.lower() == "none")):
+            return None
+        try:
+            if isinstance(raw, str):
+                if self.type is bool:
+                    low = raw.strip().lower()
+                    if low not in _TRUE | _FALSE:
+                        raise ValueError(raw)
+                    value = low in _TRUE
+                elif self.type is int:
+                    f = float(raw)
+                    if not f.is_integer():
+                        raise ValueError(raw)
+                    value = int(f)
+                else:
+                    value = self.type(raw)
+            elif self.type is float and isinstance(raw, int) and not isinstance(raw, bool):
+                value = float(raw)
+            elif self.type is int and isinstance(raw, float) and raw.is_integer():
+                value = int(raw)
+            if not isinstance(value, self.type) or (self.type is int and isinstance(value, bool)):
+                raise ValueError(raw)
+        except ValueError:
+            raise UsageError(
+                f"{plugin}: option '{self.name}' must be {self.describe_type()}, got {raw!r}"
+            ) from None
+        if self.type is float and value != value:  # NaN
+            raise UsageError(f"{plugin}: option '{self.name}' must be a number, got NaN")
+        if self.choices is not None and value not in self.choices:
+            allowed = ", ".join(str(c) for c in self.choices)
+            raise UsageError(f"{plugin}: option '{self.name}' must be one of {allowed}; got {value!r}")
+        if self.check is not None and not self.check(value):
+            raise UsageError(f"{plugin}: option '{self.name}' must satisfy {self.rule or 'its check'}; got {value!r}")
+        return value
+
+    def describe_type(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(str(c) for c in self.choices)
+        return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+            self.type, self.type.__name__
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "type": self.type.__name__,
+            "default": self.default,
+            "help": self.help,
+            "choices": list(self.choices) if self.choices is not None else None,
+            "rule": self.rule or None,
+        }
+
+
+@dataclass
+class PluginInfo:
+    """What a registry knows about one plugin."""
+
+    name: str
+    cls: type
+    kind: str
+    source: str
+    aliases: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def options(self) -> tuple[Option, ...]:
+        return tuple(getattr(self.cls, "options", ()))
+
+    @property
+    def description(self) -> str:
+        doc = (self.cls.__doc__ or "").strip()
+        return doc.splitlines()[0].strip() if doc else ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "options": [o.as_dict() for o in self.options],
+            "aliases": {k: v for k, v in self.aliases.items()},
+            "source": self.source,
+        }
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A parsed and validated spec string: the plugin and its complete option values."""
+
+    name: str
+    options: dict[str, Any]
+    info: PluginInfo
+
+    def __str__(self) -> str:
+        """Canonical form: every option that differs from its default, in declared order."""
+        defaults = {o.name: o.default for o in self.info.options}
+        parts = [f"{k}={_fmt(v)}" for k, v in self.options.items() if defaults.get(k) != v]
+        return self.name + (":" + ",".join(parts) if parts else "")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+class Registry:
+    """A name → plugin-class table with spec-string parsing and validation."""
+
+    def __init__(self, kind: str, group: str, package: str) -> None:
+        self.kind = kind  # "penalty", "arch", "dataset"
+        self.group = group  # entry-point group
+        self.package = package  # package whose modules are the built-ins
+        self._plugins: dict[str, PluginInfo] = {}
+        self._aliases: dict[str, tuple[str, dict[str, Any]]] = {}
+        self._loading: str = "builtin"
+
+    @property
+    def plural(self) -> str:
+        return {"penalty": "penalties"}.get(self.kind, self.kind + "s")
+
+    # registration -----------------------------------------------------------------
+    def register(
+        self, name: str, *, aliases: dict[str, dict[str, Any]] | None = None
+    ) -> Callable[[type], type]:
+        """Class decorator registering a plugin under ``name`` (and preset ``aliases``)."""
+
+        def decorate(cls: type) -> type:
+            for key in [name, *(aliases or {})]:
+                if key in self._plugins or key in self._aliases:
+                    raise PluginError(
+                        f"{self.kind} '{key}' is registered twice "
+                        f"(by {self._owner(key)} and {self._loading}); rename one of them"
+                    )
+            cls.name = name
+            self._plugins[name] = PluginInfo(name, cls, self.kind, self._loading, dict(aliases or {}))
+            for alias, preset in (aliases or {}).items():
+                self._aliases[alias] = (name, dict(preset))
+            return cls
+
+        return decorate
+
+    def unregister(self, name: str) -> None:
+        """Remove a plugin and its aliases (for tests and interactive experiments)."""
+        info = self._plugins.pop(name, None)
+        if info:
+            for alias in info.aliases:
+                self._aliases.pop(alias, None)
+
+    def _owner(self, key: str) -> str:
+        if key in self._plugins:
+            return self._plugins[key].source
+        return self._plugins[self._aliases[key][0]].source
+
+    # lookup -----------------------------------------------------------------------
+    def names(self) -> list[str]:
+        load_plugins()
+        return sorted(self._plugins)
+
+    def __iter__(self) -> Iterator[PluginInfo]:
+        load_plugins()
+        return iter(sorted(self._plugins.values(), key=lambda p: p.name))
+
+    def __contains__(self, name: str) -> bool:
+        load_plugins()
+        return name in self._plugins or name in self._aliases
+
+    def get(self, name: str) -> PluginInfo:
+        """The plugin called ``name`` (aliases resolved), or a usage error with suggestions."""
+        load_plugins()
+        if name in self._plugins:
+            return self._plugins[name]
+        if name in self._aliases:
+            return self._plugins[self._aliases[name][0]]
+        known = sorted([*self._plugins, *self._aliases])
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise UsageError(
+            f"unknown {self.kind} '{name}'.{hint} Available: {', '.join(known) or 'none'} "
+            f"(see 'slim list {self.plural}')"
+        )
+
+    def parse(self, spec: str | Spec, **overrides: Any) -> Spec:
+        """Parse ``NAME[:k=v,…]`` into a validated :class:`Spec` (``overrides`` win over the string)."""
+        if isinstance(spec, Spec):
+            spec = str(spec)
+        if not isinstance(spec, str) or not spec.strip():
+            raise UsageError(f"empty {self.kind} spec; expected NAME[:key=value,…]")
+        name, _, rest = spec.strip().partition(":")
+        name = name.strip()
+        info = self.get(name)
+        raw: dict[str, Any] = dict(self._aliases[name][1]) if name in self._aliases else {}
+        if rest.strip():
+            for item in rest.split(","):
+                key, eq, value = item.partition("=")
+                key = key.strip()
+                if not eq or not key:
+                    raise UsageError(
+                        f"{info.name}: cannot read option {item.strip()!r}; expected key=value "
+                        f"(spec syntax NAME[:key=value,…])"
+                    )
+                if key in raw and name not in self._aliases:
+                    raise UsageError(f"{info.name}: option '{key}' is given twice")
+                raw[key] = value.strip()
+        raw.update(overrides)
+        return Spec(info.name, self._validate(info, raw), info)
+
+    def _validate(self, info: PluginInfo, raw: dict[str, Any]) -> dict[str, Any]:
+        opts = {o.name: o for o in info.options}
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key not in opts:
+                close = difflib.get_close_matches(key, list(opts), n=3, cutoff=0.5)
+                hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+                valid = ", ".join(f"{o.name} ({o.describe_type()}, default {o.default})" for o in opts.values())
+                raise UsageError(
+                    f"{info.name}: unknown option '{key}'.{hint} "
+                    + (f"Valid options: {valid}" if valid else f"'{info.name}' takes no options")
+                )
+            values[key] = opts[key].convert(value, info.name)
+        for o in info.options:
+            values.setdefault(o.name, o.default)
+        ordered = {o.name: values[o.name] for o in info.options}
+        check = getattr(info.cls, "check_options", None)
+        if check is not None:
+            problem = check(ordered)
+            if problem:
+                raise UsageError(f"{info.name}: {problem}")
+        return ordered
+
+    def create(self, spec: str | Spec, *args: Any, **kwargs: Any) -> Any:
+        """Instantiate the plugin named by ``spec``: ``cls(*args, **kwargs, **options)``."""
+        parsed = self.parse(spec)
+        return parsed.info.cls(*args, **kwargs, **parsed.options)
+
+
+PENALTIES = Registry("penalty", "slim.penalties", "slimcli.penalties")
+ARCHS = Registry("arch", "slim.archs", "slimcli.archs")
+DATASETS = Registry("dataset", "slim.datasets", "slimcli.data")
+REGISTRIES = {"penalties": PENALTIES, "archs": ARCHS, "datasets": DATASETS}
+
+register_penalty = PENALTIES.register
+register_arch = ARCHS.register
+register_dataset = DATASETS.register
+
+_loaded = False
+FAILED: list[tuple[str, str]] = []  # (plugin source, error) of plugins that did not load
+
+
+def _warn_broken(source: str, exc: BaseException) -> None:
+    FAILED.append((source, f"{type(exc).__name__}: {exc}"))
+    warnings.warn(f"slim: plugin {source} failed to load and is skipped ({type(exc).__name__}: {exc})",
+                  stacklevel=3)
+
+
+def _import_builtins(registry: Registry) -> None:
+    pkg = importlib.import_module(registry.package)
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if mod.name.startswith("_"):
+            continue
+        registry._loading = f"built-in {registry.package}.{mod.name}"
+        importlib.import_module(f"{registry.package}.{mod.name}")
+
+
+def autoload_disabled() -> bool:
+    return os.environ.get("SLIM_DISABLE_PLUGIN_AUTOLOAD", "").strip().lower() in _TRUE
+
+
+def load_plugins() -> None:
+    """Import built-ins, then entry-point plugins, then ``SLIM_PLUGINS`` files (once)."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for registry in REGISTRIES.values():
+        _import_builtins(registry)
+    if not autoload_disabled():
+        for registry in REGISTRIES.values():
+            for ep in entry_points(group=registry.group):
+                registry._loading = f"'{ep.name}' (entry point {ep.value}, {registry.group})"
+                try:
+                    importlib.import_module(ep.value)
+                except Exception as exc:  # a broken plugin must not break slim
+                    _warn_broken(registry._loading, exc)
+    for path in filter(None, os.environ.get("SLIM_PLUGINS", "").split(":")):
+        load_plugin_file(path)
+    for registry in REGISTRIES.values():
+        registry._loading = "runtime registration"
+
+
+def load_plugin_file(path: str | os.PathLike[str]) -> None:
+    """Import one local plugin file (as ``SLIM_PLUGINS`` does); failures are warnings."""
+    p = Path(path).expanduser()
+    source = f"file {p}"
+    for registry in REGISTRIES.values():
+        registry._loading = source
+    try:
+        if not p.is_file():
+            raise FileNotFoundError(f"no such file (from SLIM_PLUGINS): {p}")
+        modname = f"slim_local_plugin_{abs(hash(str(p.resolve())))}"
+        spec = importlib.util.spec_from_file_location(modname, p)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot import {p}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[modname] = module
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        _warn_broken(source, exc)
