@@ -1,11 +1,6 @@
 #!/usr/bin/env bash
-# The README's test command: installs what the tests need (CPU torch via constraints.txt) into
-# .venv when it is missing, then runs the whole suite.
+# The README's test command: sets up .venv if needed, then runs the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
-  .venv/bin/python -m pip install -q -c constraints.txt -e plugins/slim-plugin-example
-fi
+. scripts/_venv.sh
 exec .venv/bin/python -m pytest "$@"
