@@ -9,6 +9,7 @@ subgradient step) or :func:`apply_prox` (proximal step, exact zeros).
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -80,7 +81,7 @@ class Penalty:
         """``subgradient`` of every layer's vector, computed in one call for separable R."""
         if self.separable and xs:
             flat = self.subgradient(torch.cat([x.reshape(-1) for x in xs]))
-            return [g.view_as(x) for g, x in zip(torch.split(flat, [x.numel() for x in xs]), xs)]
+            return [g.view_as(x) for g, x in zip(torch.split(flat, [x.numel() for x in xs]), xs, strict=True)]
         return [self.subgradient(x.reshape(-1)).view_as(x) for x in xs]
 
     def prox_many(self, ys: list[Tensor], step: float) -> list[Tensor] | None:
@@ -90,9 +91,15 @@ class Penalty:
         if self.separable and ys:
             flat = self.prox(torch.cat([y.reshape(-1) for y in ys]), step)
             assert flat is not None
-            return [p.view_as(y) for p, y in zip(torch.split(flat, [y.numel() for y in ys]), ys)]
+            return [p.view_as(y) for p, y in zip(torch.split(flat, [y.numel() for y in ys]), ys, strict=True)]
         out = [self.prox(y.reshape(-1), step) for y in ys]
-        return [o.view_as(y) for o, y in zip(out, ys)]  # type: ignore[union-attr]
+        return [o.view_as(y) for o, y in zip(out, ys, strict=True)]  # type: ignore[union-attr]
+
+
+def check_step(step: float) -> None:
+    """Reject a prox step that is negative or not finite (a caller bug, not user input)."""
+    if not (0 <= step < math.inf):
+        raise ValueError(f"prox step must be a finite number >= 0, got {step!r}")
 
 
 def create_penalty(spec: str | Spec, lam: float = 1e-4) -> Penalty:
@@ -132,4 +139,4 @@ def apply_prox(penalty: Penalty, gammas: list[Tensor], lr: float) -> None:
     torch._foreach_copy_([g.data for g in gammas], new)
 
 
-__all__ = ["Penalty", "create_penalty", "add_penalty_grad", "apply_prox", "Option"]
+__all__ = ["Option", "Penalty", "add_penalty_grad", "apply_prox", "check_step", "create_penalty"]
