@@ -1,13 +1,15 @@
 """slim: network slimming with nonconvex penalties.
 
-Public API (stable): :func:`create_penalty`, :class:`Penalty`, the registries and their
-decorators, :class:`SlimError` and its subclasses.
+Public API (stable): :func:`create_penalty`, :func:`create_arch`,
+:func:`create_dataset`, :class:`Penalty`, :class:`Dataset`, the
+registries and their decorators, :class:`SlimError` and its subclasses.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from slimcli.archs import create_arch
 from slimcli.errors import (  # noqa: E402
     CheckpointError,
     DataError,
@@ -35,6 +37,7 @@ __all__ = [
     "PENALTIES",
     "CheckpointError",
     "DataError",
+    "Dataset",
     "ExportError",
     "Option",
     "Penalty",
@@ -46,6 +49,8 @@ __all__ = [
     "__version__",
     "add_penalty_grad",
     "apply_prox",
+    "create_arch",
+    "create_dataset",
     "create_penalty",
     "register_arch",
     "register_dataset",

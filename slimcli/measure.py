@@ -1,0 +1,124 @@
+"""Model size and cost: parameters, MACs and FLOPs, in total and per layer.
+
+Definitions (docs/architectures.md, design §6): ``params`` is the sum of ``numel`` over the
+model's parameters (buffers such as channel-selection indices excluded); ``MACs`` are the
+multiply-accumulates of conv and linear layers for *one* input of ``input_shape``;
+``FLOPs = 2 × MACs``. Counting is done by :class:`torch.utils.flop_counter.FlopCounterMode`,
+which already reports a matmul or convolution as 2 FLOPs per multiply-accumulate; its
+per-module-hierarchy counts give the per-layer attribution. Works on an ``nn.Module`` and on
+the ``torch.fx.GraphModule`` the pruning engine produces (its submodules keep their names).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from slimcli.errors import UsageError
+
+
+def count_params(model: nn.Module) -> int:
+    """Σ numel over the parameters of ``model`` (shared parameters counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """Parameters and MACs of one leaf module (a conv, a linear, or any leaf that does matmuls)."""
+
+    name: str
+    type: str
+    params: int
+    macs: int
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.macs
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Totals for one input of ``input_shape`` and the per-layer rows, in module order."""
+
+    params: int
+    macs: int
+    input_shape: tuple[int, ...]
+    per_layer: list[LayerCost] = field(default_factory=list)
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.macs
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "params": self.params,
+            "macs": self.macs,
+            "flops": self.flops,
+            "input_shape": list(self.input_shape),
+            "per_layer": [{**asdict(row), "flops": row.flops} for row in self.per_layer],
+        }
+
+
+def _flop_count(counts: dict[Any, int]) -> int:
+    return int(sum(counts.values()))
+
+
+@torch.no_grad()
+def measure(model: nn.Module, input_shape: Sequence[int] | None = None) -> Measurement:
+    """Count params, MACs and FLOPs of ``model`` for one input of ``input_shape`` (C, H, W).
+
+    Without ``input_shape`` the model's own ``input_shape`` attribute is used (every
+    built-in architecture has one). The model runs once, in eval mode (BN running statistics
+    are not touched) and without gradients, on the device of its parameters; its
+    training/eval mode is restored afterwards.
+    """
+    shape = input_shape if input_shape is not None else getattr(model, "input_shape", None)
+    if shape is None:
+        raise UsageError("measure: pass input_shape=(channels, height, width); the model does not record one")
+    shape = tuple(int(s) for s in shape)
+    if not shape or any(s < 1 for s in shape):
+        raise UsageError(f"measure: input_shape must be positive sizes like (3, 32, 32), got {shape}")
+    first = next(iter(model.parameters()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+    x = torch.zeros((1, *shape), device=device, dtype=dtype)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    except RuntimeError as exc:
+        raise UsageError(f"measure: the model cannot run on one input of shape {shape}: {exc}") from exc
+    finally:
+        model.train(was_training)
+
+    counts = counter.get_flop_counts()
+    total_flops = _flop_count(counts.get("Global", {}))
+    # FlopCounterMode names modules "<RootClass>.<qualified name>"
+    prefix = type(model).__name__ + "."
+    rows: list[LayerCost] = []
+    for name, module in model.named_modules():
+        if not name or next(module.children(), None) is not None:
+            continue
+        flops = _flop_count(counts.get(prefix + name, {}))
+        if flops or isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
+            params = sum(p.numel() for p in module.parameters(recurse=False))
+            rows.append(LayerCost(name, type(module).__name__, params, flops // 2))
+    return Measurement(params=count_params(model), macs=total_flops // 2, input_shape=shape, per_layer=rows)
+
+
+def human(n: float) -> str:
+    """A count in engineering units: 20035018 → '20.04M', 3.98e8 → '398.0M'."""
+    for scale, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.4g}{unit}" if abs(n) / scale < 1000 else f"{n / scale:.1f}{unit}"
+    return f"{n:g}"
+
+
+__all__ = ["LayerCost", "Measurement", "count_params", "human", "measure"]
