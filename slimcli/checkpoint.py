@@ -1,0 +1,557 @@
+"""Self-describing safetensors checkpoints: tensors, ``slim.*`` metadata, atomic writes, lineage.
+
+A checkpoint is one ``*.safetensors`` file holding a model's ``state_dict`` plus string
+metadata, every key prefixed ``slim.`` (JSON for structured values). Everything needed to
+rebuild the model is in the file: :func:`build_model` creates the registered architecture,
+applies the recorded pruned widths and loads the tensors with ``strict=True``. Training
+state for ``--resume`` lives in the sibling ``<stem>.state.safetensors``, which records the
+sha256 of the model file it belongs to.
+
+Nothing here ever unpickles: safetensors holds raw tensor bytes, and importing a foreign
+``.pth`` goes through ``torch.load(weights_only=True)`` only (:func:`import_pth`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import secrets
+import shlex
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as _st_load
+from safetensors.torch import save as _st_save
+from torch import Tensor, nn
+
+from slimcli.errors import CheckpointError, UsageError
+
+#: Version of the on-disk layout; bump when a reader of the old version would misread a new file.
+FORMAT_VERSION = 1
+PREFIX = "slim."
+STAGES = ("sparsify", "pruned", "finetuned")
+#: Metadata stored as plain strings; every other key is JSON.
+_STR_KEYS = frozenset({"version", "arch", "dataset", "stage"})
+#: What build_model needs; a checkpoint without these cannot be rebuilt.
+_REQUIRED = ("arch", "num_classes", "input_shape")
+_STATE_SUFFIX = ".state.safetensors"
+_CHUNK = 1 << 24  # write in 16 MiB pieces so a huge checkpoint never needs one giant syscall
+_MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: its tensors, decoded ``slim.*`` metadata (prefix removed) and sha256."""
+
+    path: Path | None
+    tensors: dict[str, Tensor]
+    meta: dict[str, Any]
+    sha256: str
+
+    @property
+    def arch(self) -> str:
+        return self.meta["arch"]
+
+    @property
+    def widths(self) -> dict[str, int] | None:
+        return self.meta.get("widths")
+
+    @property
+    def stage(self) -> str | None:
+        return self.meta.get("stage")
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["num_classes"])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.meta["input_shape"])
+
+    @property
+    def lineage(self) -> list[dict[str, Any]]:
+        return list(self.meta.get("lineage") or [])
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return dict(self.meta.get("metrics") or {})
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+def state_path(path: str | os.PathLike[str]) -> Path:
+    """The sibling training-state file of a checkpoint: ``last.safetensors`` → ``last.state.safetensors``."""
+    p = Path(path)
+    if p.name.endswith(_STATE_SUFFIX):
+        return p
+    stem = p.name[: -len(".safetensors")] if p.name.endswith(".safetensors") else p.name
+    return p.with_name(stem + _STATE_SUFFIX)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes (the identity used in lineage and state pairing)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def lineage_entry(stage: str, parent_sha: str | None, command: str | None = None) -> dict[str, Any]:
+    """One lineage record: the stage, the parent checkpoint's sha256, the command line and UTC time.
+
+    ``command`` defaults to the current process's command line.
+    """
+    if command is None:
+        command = shlex.join(["slim", *sys.argv[1:]])
+    return {
+        "stage": stage,
+        "parent": parent_sha,
+        "command": command,
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The bare module under DDP / DataParallel / torch.compile wrappers (so keys carry no prefix)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
+
+
+def _plain_tensors(tensors: dict[str, Any], what: str) -> dict[str, Tensor]:
+    """CPU, contiguous tensors that own their storage (safetensors refuses shared storage)."""
+    seen: set[int] = set()
+    out: dict[str, Tensor] = {}
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise CheckpointError(f"cannot save {what}: '{name}' is a {type(t).__name__}, not a tensor")
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()  # a fresh copy: owns its storage
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        # A view of part of a buffer, a tensor sharing storage with another, or a strided one
+        # (channels_last, transposed) is copied into a fresh compact tensor.
+        if (ptr in seen and t.numel() > 0) or not t.is_contiguous() or storage.nbytes() != t.nbytes:
+            t = t.clone(memory_format=torch.contiguous_format)
+            ptr = t.untyped_storage().data_ptr()
+        seen.add(ptr)
+        out[name] = t
+    return out
+
+
+def _encode_meta(meta: dict[str, Any]) -> dict[str, str]:
+    encoded: dict[str, str] = {}
+    for key, value in meta.items():
+        key = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+        if value is None and key in _STR_KEYS:
+            continue
+        if key in _STR_KEYS:
+            encoded[PREFIX + key] = str(value)
+            continue
+        try:
+            encoded[PREFIX + key] = json.dumps(value, ensure_ascii=False, allow_nan=True)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"cannot save metadata '{key}': {exc}; pass JSON-serialisable values"
+            ) from None
+    return encoded
+
+
+def _decode_meta(raw: dict[str, str]) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    for key, value in raw.items():
+        if not key.startswith(PREFIX):
+            continue
+        key = key[len(PREFIX) :]
+        if key in _STR_KEYS:
+            meta[key] = value
+            continue
+        try:
+            meta[key] = json.loads(value)
+        except json.JSONDecodeError:
+            meta[key] = value  # a hand-edited or foreign value: keep the text rather than fail
+    return meta
+
+
+def _check_meta(meta: dict[str, Any]) -> None:
+    missing = [k for k in _REQUIRED if meta.get(k) is None and meta.get(PREFIX + k) is None]
+    if missing:
+        raise CheckpointError(
+            f"cannot save a checkpoint without {', '.join(missing)} in its metadata "
+            f"(needed to rebuild the model)"
+        )
+    stage = meta.get("stage", meta.get(PREFIX + "stage"))
+    if stage is not None and stage not in STAGES:
+        raise CheckpointError(f"unknown checkpoint stage {stage!r}; expected one of {', '.join(STAGES)}")
+
+
+# --------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------
+def _write_all(f: Any, data: bytes) -> None:
+    view = memoryview(data)
+    for start in range(0, len(view), _CHUNK):
+        f.write(view[start : start + _CHUNK])
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable; not every platform lets a directory be opened.
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot create folder {folder}: {exc.strerror or exc}; choose another --out"
+        ) from None
+    tmp = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        # os.open with mode 0o666 lets the umask decide the permissions, like a plain open().
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        with os.fdopen(fd, "wb") as f:
+            _write_all(f, data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise CheckpointError(
+                f"could not write {path}: {exc.strerror or exc}; the previous file is unchanged "
+                f"(free disk space or choose another --out)"
+            ) from exc
+        raise
+    _fsync_dir(folder)
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module | dict[str, Tensor],
+    meta: dict[str, Any],
+    *,
+    state: dict[str, Tensor] | None = None,
+    state_meta: dict[str, Any] | None = None,
+) -> str:
+    """Atomically write a checkpoint (and its training state when ``state`` is given).
+
+    ``meta`` keys are stored with the ``slim.`` prefix; ``format`` and ``version`` are filled
+    in. The state file is written first and records the model file's sha256, so a crash
+    between the two writes leaves a pair that :func:`load_state` reports as mismatched.
+    Returns the sha256 of the written model file.
+    """
+    from slimcli import __version__
+
+    path = Path(path)
+    _check_meta(meta)
+    sd = _unwrap(model).state_dict() if isinstance(model, nn.Module) else model
+    tensors = _plain_tensors(dict(sd), f"checkpoint {path}")
+    header = _encode_meta(meta)
+    header[PREFIX + "format"] = str(FORMAT_VERSION)
+    header[PREFIX + "version"] = __version__
+    data = _st_save(tensors, metadata=header)
+    sha = hashlib.sha256(data).hexdigest()
+    if state is not None:
+        smeta = _encode_meta(state_meta or {})
+        smeta[PREFIX + "format"] = str(FORMAT_VERSION)
+        smeta[PREFIX + "version"] = __version__
+        smeta[PREFIX + "model_sha256"] = sha
+        _atomic_write(state_path(path), _st_save(_plain_tensors(state, "training state"), metadata=smeta))
+    _atomic_write(path, data)
+    return sha
+
+
+# --------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------
+def _check_path(path: Path, what: str) -> None:
+    if not path.exists():
+        hint = ""
+        if path.parent.is_dir():
+            near = sorted(
+                p.name for p in path.parent.glob("*.safetensors") if not p.name.endswith(_STATE_SUFFIX)
+            )
+            if near:
+                hint = f" (that folder has: {', '.join(near[:5])})"
+        raise CheckpointError(f"{what} not found: {path}{hint}; check the path")
+    if path.is_dir():
+        inside = [n for n in ("best.safetensors", "last.safetensors") if (path / n).is_file()]
+        hint = f", e.g. {path / inside[0]}" if inside else ""
+        raise CheckpointError(f"{path} is a folder, not a {what}; pass a .safetensors file{hint}")
+
+
+def _read_bytes(path: Path, what: str) -> bytes:
+    _check_path(path, what)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _looks_like_pickle(data: bytes) -> bool:
+    # torch.save writes a zip archive (PK\x03\x04) since 1.6, a bare pickle (protocol ≥ 2: 0x80) before.
+    return data[:4] == b"PK\x03\x04" or (len(data) > 1 and data[0] == 0x80 and data[1] <= 5)
+
+
+def _parse_header(data: bytes, path: Path, what: str) -> dict[str, Any]:
+    """Validate the safetensors layout by hand so every failure gets a message that says what is wrong."""
+    if len(data) == 0:
+        raise CheckpointError(f"{path} is empty, not a {what} (an interrupted copy?); use another file")
+    n = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else 0
+    # Every safetensors header is a JSON object; test that first, since a valid header length
+    # can start with the same bytes as a pickle.
+    if not (data[8:9] == b"{" and 2 <= n <= _MAX_HEADER):
+        if _looks_like_pickle(data):
+            raise CheckpointError(
+                f"{path} is a PyTorch pickle (.pth/.pt), not a slim {what}; slim never unpickles files: "
+                f"convert it with slimcli.checkpoint.import_pth (torch.load(weights_only=True))"
+            )
+        raise CheckpointError(f"{path} is not a safetensors file; pass a checkpoint written by slim")
+    if len(data) < 8 + n:
+        raise CheckpointError(
+            f"{path} is truncated ({len(data)} bytes, header alone needs {8 + n}); re-create or re-copy it"
+        )
+    try:
+        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        end = 0
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            end = max(end, int(entry["data_offsets"][1]))
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"{path} is corrupt (unreadable header: {exc}); re-create or re-copy it"
+        ) from None
+    body = len(data) - 8 - n
+    if body < end:
+        raise CheckpointError(
+            f"{path} is truncated ({body} of {end} data bytes present); re-create or re-copy it"
+        )
+    if body > end:
+        raise CheckpointError(
+            f"{path} is corrupt ({body - end} unexpected trailing bytes); re-create or re-copy it"
+        )
+    return header
+
+
+def _read_safetensors(
+    path: Path, what: str, map_location: str | torch.device
+) -> tuple[dict[str, Tensor], dict[str, Any], str]:
+    data = _read_bytes(path, what)
+    header = _parse_header(data, path, what)
+    raw_meta = header.get("__metadata__") or {}
+    if not isinstance(raw_meta, dict) or PREFIX + "format" not in raw_meta:
+        raise CheckpointError(
+            f"{path} is a safetensors file but not a slim {what} (no slim.* metadata); load foreign "
+            f"weights into a registered arch and save them with slimcli.checkpoint.save_checkpoint "
+            f"(a .pth goes through slimcli.checkpoint.import_pth)"
+        )
+    try:
+        fmt = int(raw_meta[PREFIX + "format"])
+    except ValueError:
+        raise CheckpointError(
+            f"{path} has an unreadable format version {raw_meta[PREFIX + 'format']!r}; re-create it"
+        ) from None
+    if fmt > FORMAT_VERSION:
+        from slimcli import __version__
+
+        writer = raw_meta.get(PREFIX + "version", "?")
+        raise CheckpointError(
+            f"{path} uses checkpoint format {fmt}, written by a newer slim ({writer}); "
+            f"this slim {__version__} reads format {FORMAT_VERSION}: upgrade slim (pip install -U slim-prune)"
+        )
+    if fmt < 1:
+        raise CheckpointError(f"{path} has an invalid format version {fmt}; re-create it")
+    try:
+        tensors = _st_load(data)
+    except (SafetensorError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{path} is corrupt ({exc}); re-create or re-copy it") from None
+    if torch.device(map_location).type != "cpu":
+        tensors = {k: v.to(map_location) for k, v in tensors.items()}
+    return tensors, _decode_meta(raw_meta), hashlib.sha256(data).hexdigest()
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read and validate a slim checkpoint (tensors on ``map_location``); never unpickles."""
+    p = Path(path)
+    tensors, meta, sha = _read_safetensors(p, "checkpoint", map_location)
+    missing = [k for k in _REQUIRED if k not in meta]
+    if missing:
+        raise CheckpointError(
+            f"{p} lacks slim.{', slim.'.join(missing)} metadata, so it cannot be rebuilt; re-create it"
+        )
+    return Checkpoint(p, tensors, meta, sha)
+
+
+def load_state(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The training state stored beside checkpoint ``path``, checked to belong to that exact file.
+
+    Returns ``(tensors, meta)``; ``meta`` has the ``slim.`` prefix removed and includes
+    ``model_sha256``.
+    """
+    p = Path(path)
+    model_path = p
+    if p.name.endswith(_STATE_SUFFIX):
+        model_path = p.with_name(p.name[: -len(_STATE_SUFFIX)] + ".safetensors")
+    sp = state_path(p)
+    tensors, meta, _ = _read_safetensors(sp, "training state", map_location)
+    expected = meta.get("model_sha256")
+    if model_path.is_file():
+        actual = file_sha256(model_path)
+        if expected != actual:
+            raise CheckpointError(
+                f"{sp} belongs to a different checkpoint than {model_path} (an interrupted save?); "
+                f"resume from another checkpoint or start the run again"
+            )
+    return tensors, meta
+
+
+# --------------------------------------------------------------------------------------
+# rebuilding
+# --------------------------------------------------------------------------------------
+def _first(names: list[str], n: int = 3) -> str:
+    shown = ", ".join(names[:n])
+    return shown + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+def build_model(ckpt: Checkpoint) -> nn.Module:
+    """Rebuild the model a checkpoint describes: registered arch → recorded widths → strict load.
+
+    The model is returned on the CPU in eval mode.
+    """
+    from slimcli.archs import create_arch
+    from slimcli.registry import ARCHS
+
+    spec = str(ckpt.meta["arch"])
+    name = spec.partition(":")[0].strip()
+    where = f" ({ckpt.path})" if ckpt.path else ""
+    if name not in ARCHS:
+        raise CheckpointError(
+            f"checkpoint{where} needs architecture '{name}', which is not installed; install the plugin "
+            f"that provides it (see 'slim list archs')"
+        )
+    try:
+        model = create_arch(spec, int(ckpt.meta["num_classes"]), tuple(ckpt.meta["input_shape"]))
+    except UsageError as exc:
+        raise CheckpointError(f"cannot build architecture '{spec}'{where}: {exc}") from None
+
+    widths = ckpt.widths or {}
+    narrower = False
+    for bn_name, kept in widths.items():
+        try:
+            bn = model.get_submodule(bn_name)
+        except AttributeError:
+            raise CheckpointError(
+                f"checkpoint{where} records a width for '{bn_name}', which architecture '{spec}' does not "
+                f"have; the arch plugin changed since it was written"
+            ) from None
+        full = getattr(bn, "num_features", None)
+        if full is None or int(kept) > full:
+            raise CheckpointError(
+                f"checkpoint{where} keeps {kept} channels of '{bn_name}', which has {full}; "
+                f"the arch plugin changed since it was written"
+            )
+        narrower |= int(kept) < full
+    if narrower:
+        from slimcli.prune import apply_widths
+
+        rebuilt = apply_widths(model, {k: int(v) for k, v in widths.items()})
+        model = rebuilt if isinstance(rebuilt, nn.Module) else model
+
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in ckpt.tensors]
+    unexpected = [k for k in ckpt.tensors if k not in expected]
+    wrong = [
+        f"{k} {tuple(ckpt.tensors[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in ckpt.tensors and ckpt.tensors[k].shape != v.shape
+    ]
+    problems = []
+    if wrong:
+        problems.append(f"shape mismatch: {_first(wrong)}")
+    if missing:
+        problems.append(f"missing from the file: {_first(missing)}")
+    if unexpected:
+        problems.append(f"not in the model: {_first(unexpected)}")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint{where} does not fit architecture '{spec}' ({'; '.join(problems)}); "
+            f"it was written by a different version of that arch"
+        )
+    model.load_state_dict(ckpt.tensors, strict=True)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------
+# importing foreign weights
+# --------------------------------------------------------------------------------------
+def import_pth(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """The tensors of a foreign ``.pth`` state dict, read with ``torch.load(weights_only=True)`` only.
+
+    Accepts a bare state dict or one nested under ``state_dict`` / ``model``; strips the
+    ``module.`` prefix that DataParallel adds. Files holding pickled objects are refused.
+    """
+    p = Path(path)
+    _check_path(p, ".pth file")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, zip errors, EOF: all mean "not a plain weights file"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"cannot import {p} as plain weights ({first}); only state dicts of tensors are accepted, "
+            f"re-save it with torch.save(model.state_dict(), ...)"
+        ) from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(
+            f"{p} does not hold a state dict of tensors; re-save it with torch.save(model.state_dict(), ...)"
+        )
+    if all(str(k).startswith("module.") for k in obj):
+        obj = {str(k)[len("module.") :]: v for k, v in obj.items()}
+    return {str(k): v for k, v in obj.items()}
+
+
+__all__ = [
+    "FORMAT_VERSION",
+    "STAGES",
+    "Checkpoint",
+    "build_model",
+    "file_sha256",
+    "import_pth",
+    "lineage_entry",
+    "load_checkpoint",
+    "load_state",
+    "save_checkpoint",
+    "state_path",
+]
