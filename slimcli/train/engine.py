@@ -1,0 +1,252 @@
+"""The training loop shared by ``slim sparsify-train`` and ``slim finetune`` (design §7).
+
+One loop for CPU and CUDA: the dataset sits on the device as uint8, each batch is gathered,
+augmented and normalised there; the penalty acts on every BatchNorm γ after backward
+(subgradient, the paper's rule) or after the optimizer step (proximal). Every epoch ends with
+an evaluation, a metrics line and atomic checkpoints, so a run can stop at any point and
+``--resume`` continues it bit for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from slimcli.checkpoint import save_checkpoint
+from slimcli.errors import TrainingError
+from slimcli.penalties import Penalty, add_penalty_grad, apply_prox
+from slimcli.train.augment import Normalizer, random_crop_flip
+from slimcli.train.config import TrainConfig
+from slimcli.train.device import Precision
+from slimcli.train.progress import Reporter
+from slimcli.train.setup import bn_scales, prepare
+from slimcli.train.state import (
+    BEST,
+    LAST,
+    LoopState,
+    append_metrics,
+    catch_stop_signals,
+    pack_state,
+    read_metrics,
+    truncate_metrics,
+    unpack_state,
+)
+
+REPORT_EVERY_S = 0.5  # progress refresh; also how often the loss is synced to the host
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports (the files are in ``run_dir``)."""
+
+    run_dir: Path
+    stage: str
+    epochs: int  # completed epochs
+    best_acc: float
+    best_epoch: int
+    last: dict[str, Any] | None  # the last metrics record
+    seconds: float
+    device: str
+    precision: str
+
+
+class TrainingInterrupted(TrainingError):
+    """SIGINT/SIGTERM stopped the run after its state was saved; ``exit_code`` is 128 + signal."""
+
+    def __init__(self, message: str, signum: int, run_dir: Path, resume_command: str) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+        self.run_dir = run_dir
+        self.resume_command = resume_command
+
+
+def optimizer_step(loss: Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   penalty: Penalty, gammas: list[Tensor], update: str) -> None:
+    """Backward, penalty and step in the order that keeps the penalty's strength exact.
+
+    Under fp16 the gradients are scaled by the GradScaler's factor; the subgradient must be
+    added to *unscaled* gradients, or it is 2^16 times too weak (sparsity training silently
+    doing nothing under AMP). With the scaler disabled every scaler call is a no-op.
+    """
+    scaler.scale(loss).backward()
+    if update == "subgradient":
+        scaler.unscale_(optimizer)
+        add_penalty_grad(penalty, gammas)
+    scaler.step(optimizer)  # skipped when fp16 gradients overflowed
+    scaler.update()
+    if update == "proximal":
+        apply_prox(penalty, gammas, optimizer.param_groups[0]["lr"])
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module, images: Tensor, labels: Tensor, normalize: Normalizer, batch_size: int,
+             precision: Precision) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over a whole split (one host sync at the end)."""
+    net.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=images.device)
+    correct = torch.zeros((), dtype=torch.int64, device=images.device)
+    for i in range(0, len(labels), batch_size):
+        x, y = normalize(images[i : i + batch_size]), labels[i : i + batch_size]
+        with torch.autocast(images.device.type, dtype=precision.dtype, enabled=precision.dtype is not None):
+            logits = net(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    n = max(len(labels), 1)
+    return loss_sum.item() / n, correct.item() / n
+
+
+def gamma_fractions(gammas: list[Tensor]) -> tuple[float, float]:
+    """Fractions of |γ| below 1e-2 and below 1e-4 over all BatchNorm layers."""
+    if not gammas:
+        return 0.0, 0.0
+    a = torch.cat([g.detach().abs().flatten() for g in gammas])
+    return (a < 1e-2).float().mean().item(), (a < 1e-4).float().mean().item()
+
+
+def _check_finite(loss_sum: float, epoch: int, step: int, run_dir: Path, done: int) -> None:
+    if not math.isfinite(loss_sum):
+        kept = f"{run_dir / LAST} (epoch {done}) is kept" if done else "no checkpoint was written"
+        raise TrainingError(
+            f"the training loss became {loss_sum} in epoch {epoch} by step {step}; stopped, {kept}. "
+            f"Start again with a lower --lr or --lam (or --amp bf16/off instead of fp16)"
+        )
+
+
+def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
+    """Run (or resume) the training described by ``config``; see :class:`TrainConfig`."""
+    reporter = reporter or Reporter()
+    run = prepare(config)  # every usage error is raised here, before any data is loaded
+    cfg, device, model, penalty, ds = run.config, run.device, run.model, run.penalty, run.dataset
+    root = Path(cfg.data_dir) if cfg.data_dir else None
+    x_train, y_train = (t.to(device) for t in ds.load("train", root))  # uint8 stays uint8 on the device
+    x_test, y_test = (t.to(device) for t in ds.load("test", root))
+    normalize = Normalizer(ds.mean, ds.std, device, run.channels_last)
+    crop_pad, hflip = int(ds.augment.get("crop_pad", 0)), bool(ds.augment.get("hflip", False))
+
+    gammas = bn_scales(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.milestone_epochs(), gamma=0.1)
+    scaler = torch.amp.GradScaler(device.type, enabled=run.precision.scaler)
+    # Shuffling draws from a CPU generator (same order on any device); augmentation from one on
+    # the device (no host round trip per batch). Both are saved, so a resume replays them.
+    generators = {"shuffle": torch.Generator().manual_seed(cfg.seed),
+                  "augment": torch.Generator(device=device).manual_seed(cfg.seed + 1)}
+    loop = LoopState()
+    if run.resume is not None:
+        loop = unpack_state(*run.resume, optimizer, scheduler, scaler, generators)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    truncate_metrics(run.run_dir, loop.epoch)  # lines past the saved epoch are replayed, not doubled
+    net = torch.compile(model) if cfg.compile else model
+    autocast = torch.autocast(device.type, dtype=run.precision.dtype, enabled=run.precision.dtype is not None)
+    n, bs = len(y_train), cfg.batch_size
+    steps, eval_bs = math.ceil(n / bs), max(bs, 1000)
+    metrics_meta = dict(run.base_meta.get("metrics") or {})
+
+    def save(best: bool) -> None:
+        meta = {**run.base_meta, "metrics": metrics_meta}
+        if best:  # best first: a crash in between leaves last one epoch behind, never ahead
+            save_checkpoint(run.run_dir / BEST, model, meta)
+        tensors, smeta = pack_state(loop, cfg.to_json(), optimizer, scheduler, scaler, generators)
+        save_checkpoint(run.run_dir / LAST, model, meta, state=tensors, state_meta=smeta)
+
+    def interrupted(signum: int, where: str) -> TrainingInterrupted:
+        resume = f"slim {run.command} --resume {run.run_dir}"
+        text = f"interrupted {where}; state saved in {run.run_dir}. Resume with: {resume}"
+        return TrainingInterrupted(text, signum, run.run_dir, resume)
+
+    started, last_record = time.perf_counter(), None
+    info = {"arch": run.base_meta["arch"], "dataset": ds.spec, "train_size": n, "epochs": cfg.epochs,
+            "penalty": penalty.spec, "lam": cfg.lam, "update": cfg.update, "device": str(device),
+            "precision": run.precision.name, "run_dir": run.run_dir, "resumed_from": loop.epoch}
+    try:
+        with catch_stop_signals() as stop:  # from here on, Ctrl-C saves a resumable state
+            reporter.start(info)
+            if run.resume is not None:
+                reporter.message(f"resuming {run.run_dir} at epoch {loop.epoch + 1}, step {loop.step}")
+            if cfg.epochs == 0 and run.resume is None:  # nothing to train: evaluate and record the model
+                test_loss, test_acc = evaluate(net, x_test, y_test, normalize, eval_bs, run.precision)
+                metrics_meta[cfg.stage] = {"epoch": 0, "test_loss": test_loss, "test_acc": test_acc}
+                loop.best_acc = test_acc
+                save(best=True)
+            while loop.epoch < cfg.epochs:
+                epoch = loop.epoch + 1
+                if loop.step == 0:  # a fresh epoch; a resumed mid-epoch state brings its own order
+                    loop.perm, loop.partial = torch.randperm(n, generator=generators["shuffle"]), {}
+                perm = loop.perm.to(device)  # type: ignore[union-attr]
+                lr = optimizer.param_groups[0]["lr"]
+                part = loop.partial
+                # running sums stay on the device: no host sync per step
+                sums = torch.tensor([part.get("loss_sum", 0.0), part.get("correct", 0.0)],
+                                    dtype=torch.float64, device=device)
+                seen, seen_here = int(part.get("seen", 0)), 0
+                t0 = last_report = time.perf_counter()
+                reporter.epoch_start(epoch, cfg.epochs, steps, loop.step)
+                net.train()
+                for i in range(loop.step, steps):
+                    idx = perm[i * bs : (i + 1) * bs]
+                    x = normalize(random_crop_flip(x_train[idx], crop_pad, hflip, generators["augment"]))
+                    y = y_train[idx]
+                    with autocast:
+                        logits = net(x)
+                        loss = F.cross_entropy(logits, y)
+                    optimizer.zero_grad(set_to_none=True)
+                    optimizer_step(loss, optimizer, scaler, penalty, gammas, cfg.update)
+                    hits = (logits.argmax(1) == y).sum()
+                    sums += torch.stack([loss.detach().double() * len(y), hits.double()])
+                    seen, seen_here = seen + len(y), seen_here + len(y)
+                    loop.step, loop.global_step = i + 1, loop.global_step + 1
+                    if stop:
+                        break
+                    now = time.perf_counter()
+                    if now - last_report >= REPORT_EVERY_S:
+                        loss_sum, correct = sums.tolist()
+                        _check_finite(loss_sum, epoch, loop.step, run.run_dir, loop.epoch)
+                        reporter.step(loop.step, {"loss": loss_sum / seen, "acc": correct / seen, "lr": lr,
+                                                  "images_per_s": seen_here / (now - t0),
+                                                  "frac_below_1e-2": gamma_fractions(gammas)[0]})
+                        last_report = now
+                loss_sum, correct = sums.tolist()
+                _check_finite(loss_sum, epoch, loop.step, run.run_dir, loop.epoch)  # never save NaN weights
+                train_s = part.get("train_s", 0.0) + time.perf_counter() - t0
+                if loop.step < steps:  # a signal mid-epoch: save the exact position (order, step, sums)
+                    loop.partial = {"loss_sum": loss_sum, "correct": correct, "seen": seen,
+                                    "train_s": train_s}
+                    save(best=False)
+                    raise interrupted(stop.signum or 2, f"in epoch {epoch} at step {loop.step}/{steps}")
+                scheduler.step()
+                t1 = time.perf_counter()
+                test_loss, test_acc = evaluate(net, x_test, y_test, normalize, eval_bs, run.precision)
+                frac2, frac4 = gamma_fractions(gammas)
+                with torch.no_grad():
+                    pen = penalty.lam * float(penalty.value_many([g.detach() for g in gammas]))
+                last_record = {
+                    "epoch": epoch, "lr": lr, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                    "test_loss": test_loss, "test_acc": test_acc, "penalty": pen,
+                    "frac_below_1e-2": frac2, "frac_below_1e-4": frac4, "images_per_s": seen / train_s,
+                    "seconds": train_s + time.perf_counter() - t1,
+                }
+                metrics_meta[cfg.stage] = {k: last_record[k] for k in
+                                           ("epoch", "test_loss", "test_acc", "train_loss", "train_acc")}
+                best = test_acc > loop.best_acc
+                if best:
+                    loop.best_acc, loop.best_epoch = test_acc, epoch
+                loop.epoch, loop.step, loop.perm, loop.partial = epoch, 0, None, {}
+                append_metrics(run.run_dir, last_record)  # first: a resume truncates a line it replays
+                save(best)
+                reporter.epoch_end(last_record)
+                if stop:
+                    raise interrupted(stop.signum or 2, f"after epoch {epoch}")
+    finally:
+        reporter.close()
+    if last_record is None and loop.epoch > 0:
+        last_record = read_metrics(run.run_dir)[-1]  # resumed a run that was already complete
+    return TrainResult(run.run_dir, cfg.stage, loop.epoch, loop.best_acc, loop.best_epoch, last_record,
+                       time.perf_counter() - started, str(device), run.precision.name)

@@ -1,0 +1,118 @@
+"""Progress reporting for the training loop (stderr; stdout stays for results).
+
+The loop calls a :class:`Reporter`; the command line picks :class:`RichReporter` (a live bar)
+on a terminal and :class:`PlainReporter` (one line per epoch) when stderr is a file or pipe
+or with ``--quiet``. The library default reports nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+def epoch_line(r: dict[str, Any], epochs: int) -> str:
+    """One human-readable line summarising an epoch's metrics record."""
+    return (
+        f"epoch {r['epoch']}/{epochs}  loss {r['train_loss']:.4f} acc {r['train_acc']:.2%}  "
+        f"test loss {r['test_loss']:.4f} acc {r['test_acc']:.2%}  lr {r['lr']:.3g}  "
+        f"{r['images_per_s']:.0f} img/s  γ<1e-2 {r['frac_below_1e-2']:.1%}  {r['seconds']:.1f}s"
+    )
+
+
+class Reporter:
+    """No-op base: the hooks the loop calls."""
+
+    def start(self, info: dict[str, Any]) -> None:
+        """Once, before the first epoch: run dir, device, precision, sizes."""
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int, done: int) -> None:
+        """Epoch ``epoch`` (1-based) of ``epochs`` begins with ``done`` of ``steps`` already done."""
+
+    def step(self, done: int, stats: dict[str, float]) -> None:
+        """Called a few times per second with running loss, acc, lr, images_per_s, frac_below_1e-2."""
+
+    def epoch_end(self, record: dict[str, Any]) -> None:
+        """The epoch's metrics record (the line written to metrics.jsonl)."""
+
+    def message(self, text: str) -> None:
+        """A log line (resume notice, interruption, …)."""
+
+    def close(self) -> None:
+        """Tear down any live display (also after an error)."""
+
+
+class PlainReporter(Reporter):
+    """One line per epoch on stderr: for logs, pipes, CI and ``--quiet``."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.epochs = 0
+
+    def start(self, info: dict[str, Any]) -> None:
+        self.epochs = int(info["epochs"])
+        self.console.print(
+            f"training {info['arch']} on {info['dataset']} ({info['train_size']} images) for "
+            f"{info['epochs']} epochs: penalty {info['penalty']} λ={info['lam']:g} ({info['update']}), "
+            f"{info['device']}, {info['precision']} → {info['run_dir']}",
+            markup=False, highlight=False,
+        )
+
+    def epoch_end(self, record: dict[str, Any]) -> None:
+        self.console.print(epoch_line(record, self.epochs), markup=False, highlight=False)
+
+    def message(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False)
+
+
+class RichReporter(PlainReporter):
+    """A live progress bar per epoch with running loss, accuracy, lr, images/s and γ sparsity."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__(console)
+        self.progress = Progress(
+            TextColumn("epoch {task.fields[epoch]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(
+                "loss {task.fields[loss]:.3f} acc {task.fields[acc]:.1%} lr {task.fields[lr]:.3g} "
+                "{task.fields[ips]:.0f} img/s γ<1e-2 {task.fields[frac]:.1%}"
+            ),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+        self.task: Any = None
+
+    def start(self, info: dict[str, Any]) -> None:
+        super().start(info)
+        self.progress.start()
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int, done: int) -> None:
+        fields = {"epoch": f"{epoch}/{epochs}", "loss": 0.0, "acc": 0.0, "lr": 0.0, "ips": 0.0, "frac": 0.0}
+        if self.task is None:
+            self.task = self.progress.add_task("train", total=steps, completed=done, **fields)
+        else:
+            self.progress.reset(self.task, total=steps, completed=done, **fields)
+
+    def step(self, done: int, stats: dict[str, float]) -> None:
+        self.progress.update(
+            self.task, completed=done, loss=stats["loss"], acc=stats["acc"], lr=stats["lr"],
+            ips=stats["images_per_s"], frac=stats["frac_below_1e-2"],
+        )
+
+    def epoch_end(self, record: dict[str, Any]) -> None:
+        # printed through the live display so the line stays above the bar
+        self.progress.console.print(epoch_line(record, self.epochs), markup=False, highlight=False)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def make_reporter(console: Console, quiet: bool) -> Reporter:
+    """The live bar on an interactive stderr, plain epoch lines otherwise."""
+    if quiet or not console.is_terminal:
+        return PlainReporter(console)
+    return RichReporter(console)
