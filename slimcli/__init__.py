@@ -10,6 +10,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from slimcli.archs import create_arch
+from slimcli.data import Dataset, create_dataset
 from slimcli.errors import (  # noqa: E402
     CheckpointError,
     DataError,
