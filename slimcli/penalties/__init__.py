@@ -130,12 +130,15 @@ def apply_prox(penalty: Penalty, gammas: list[Tensor], lr: float) -> None:
     """γ ← prox(γ, lr·λ) for every BN scale at once (after the optimizer step)."""
     if penalty.is_zero or penalty.lam == 0:
         return
-    new = penalty.prox_many([g.detach() for g in gammas], lr * penalty.lam)
-    if new is None:
+    if not penalty.has_prox:
         raise UsageError(
             f"penalty '{penalty.name}' has no proximal map; use --update subgradient "
-            f"or a penalty with one (l1, lp:p=0.5, tl1, mcp, scad, l1-l2)"
+            f"or a penalty with one (l1, lp, tl1, mcp, scad, l1-l2)"
         )
+    if not gammas:
+        return
+    new = penalty.prox_many([g.detach() for g in gammas], lr * penalty.lam)
+    assert new is not None
     torch._foreach_copy_([g.data for g in gammas], new)
 
 

@@ -60,6 +60,7 @@ class SCAD(Penalty):
         if t < (a - 1) * th:
             # ½x² + t·R is convex: soft thresholding up to θ+t, a linear piece up to aθ, identity beyond
             mid = ((a - 1) * th * ay - a * th * t) / ((a - 1) * th - t)
+            mid = torch.minimum(mid, ay)  # at |y| = aθ rounding could overshoot y
             mag = torch.where(ay <= th + t, torch.clamp(ay - t, min=0), torch.where(ay <= a * th, mid, ay))
             return sy * mag
         # t ≥ (a−1)θ: concave (or linear) on [θ, aθ], so the minimiser is the best of the two

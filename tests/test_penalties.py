@@ -1,0 +1,593 @@
+"""Penalties: contracts for every registered penalty, formulas, autograd, prox == brute force."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+from slimcli.errors import UsageError
+from slimcli.penalties import Penalty, create_penalty
+from slimcli.registry import PENALTIES
+
+F64 = torch.float64
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def elementwise(pen: Penalty, x: Tensor) -> Tensor:
+    """R of every element of ``x`` (separable penalties), through the penalty's own ``value``."""
+    return torch.vmap(lambda v: pen.value(v.unsqueeze(0)))(x.reshape(-1)).view_as(x)
+
+
+def sample_points(dtype: torch.dtype = F64) -> Tensor:
+    """0, tiny values, both signs, a wide range of magnitudes."""
+    mags = [0.0, 1e-12, 1e-6, 1e-3, 0.01, 0.05, 0.1, 0.3, 0.5, 0.99, 1.0, 1.7, 3.0, 10.0]
+    return torch.tensor([s * m for m in mags for s in (1, -1)][1:], dtype=dtype)
+
+
+# --- contract: every registered penalty, plugins included -----------------------------------
+
+ALL_NAMES = PENALTIES.names()
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_contract_every_registered_penalty(name: str, dtype: torch.dtype) -> None:
+    pen = create_penalty(name, lam=0.05)
+    x = sample_points(dtype)
+    v = pen.value(x)
+    assert v.dim() == 0 and v.dtype == dtype and torch.isfinite(v)
+    assert pen.value(torch.zeros(5, dtype=dtype)).item() == 0
+    torch.testing.assert_close(pen.value(-x), v)  # R is even
+
+    g = pen.subgradient(x)
+    assert g.shape == x.shape and g.dtype == dtype and g.device == x.device
+    assert torch.isfinite(g).all()
+    assert torch.isfinite(pen.subgradient(torch.zeros(3, dtype=dtype))).all()
+    torch.testing.assert_close(pen.subgradient(-x), -g)  # subgradient is odd
+
+    for step in (1e-3, 0.1, 1.0):
+        p = pen.prox(x, step)
+        if p is None:
+            assert not pen.has_prox
+            continue
+        assert p.shape == x.shape and p.dtype == dtype and torch.isfinite(p).all()
+        assert pen.prox(torch.zeros(4, dtype=dtype), step).abs().max().item() == 0
+        if pen.separable:
+            torch.testing.assert_close(pen.prox(-x, step), -p)
+    # the spec string round-trips
+    assert PENALTIES.parse(pen.spec).options == PENALTIES.parse(name).options
+
+
+def test_all_builtins_registered() -> None:
+    assert {"none", "l1", "lp", "tl1", "mcp", "scad", "l1-l2"} <= set(ALL_NAMES)
+    for name in ("lp", "tl1", "mcp", "scad", "l1-l2"):
+        pen = create_penalty(name)
+        assert pen.has_prox
+        assert pen.subgradient(torch.zeros(3, dtype=F64)).abs().max().item() == 0  # 0 at 0
+    assert create_penalty("l1-l2").separable is False
+
+
+# --- independent formulas (reference.md "Penalties") ---------------------------------------
+
+
+def sgn(v: float) -> float:
+    return (v > 0) - (v < 0)
+
+
+def ref_value_grad(name: str, o: dict, v: float) -> tuple[float, float]:
+    """R(v) and the subgradient, written from the reference table with math only."""
+    a = abs(v)
+    if name == "l1":
+        return a, sgn(v)
+    if name == "lp":
+        p, eps = o["p"], o["eps"]
+        return a**p, (0.0 if v == 0 else p * sgn(v) / (a + eps) ** (1 - p))
+    if name == "tl1":
+        k = o["a"]
+        return (k + 1) * a / (k + a), k * (k + 1) * sgn(v) / (k + a) ** 2
+    if name == "mcp":
+        k, th = o["a"], o["theta"]
+        if a <= k * th:
+            return a - v * v / (2 * k * th), sgn(v) - v / (k * th)
+        return k * th / 2, 0.0
+    if name == "scad":
+        k, th = o["a"], o["theta"]
+        if a <= th:
+            return a, sgn(v)
+        if a <= k * th:
+            r = (2 * k * th * a - v * v - th * th) / (2 * (k - 1) * th)
+            return r, (k * th * sgn(v) - v) / ((k - 1) * th)
+        return th * (k + 1) / 2, 0.0
+    raise AssertionError(name)
+
+
+FORMULA_CASES = [
+    ("l1", {}, 0.1),
+    ("lp", {"p": 0.5, "eps": 1e-8}, 0.1),
+    ("lp", {"p": 0.25, "eps": 0.0}, 0.1),
+    ("lp", {"p": 0.75, "eps": 1e-3}, 0.1),
+    ("tl1", {"a": 1.0}, 0.1),
+    ("tl1", {"a": 0.5}, 0.1),
+    ("mcp", {"a": 3.0, "theta": 0.2}, 0.1),
+    ("mcp", {"a": 3.0, "theta": None}, 0.4),  # θ = λ
+    ("mcp", {"a": 1.5, "theta": 1e-2}, 1e-4),
+    ("scad", {"a": 3.7, "theta": 0.2}, 0.1),
+    ("scad", {"a": 3.7, "theta": None}, 0.3),
+    ("scad", {"a": 2.5, "theta": None}, 1e-4),
+]
+
+
+def make(name: str, opts: dict, lam: float) -> Penalty:
+    spec = name + (":" + ",".join(f"{k}={v}" for k, v in opts.items()) if opts else "")
+    return create_penalty(spec, lam=lam)
+
+
+@pytest.mark.parametrize(("name", "opts", "lam"), FORMULA_CASES, ids=lambda c: str(c))
+def test_value_and_subgradient_match_reference_formulas(name: str, opts: dict, lam: float) -> None:
+    pen = make(name, opts, lam)
+    o = dict(opts)
+    if o.get("theta", 0) is None:
+        o["theta"] = lam
+    th = o.get("theta", 1.0)
+    k = o.get("a", 1.0)
+    pts = [float(v) for v in sample_points()]
+    for b in (th, k * th):  # both sides of every breakpoint
+        pts += [s * b * f for s in (1, -1) for f in (1 - 1e-6, 1.0, 1 + 1e-6, 0.5, 2.0)]
+    x = torch.tensor(pts, dtype=F64)
+    want_r, want_g = zip(*(ref_value_grad(name, o, v) for v in pts), strict=True)
+    torch.testing.assert_close(elementwise(pen, x), torch.tensor(want_r, dtype=F64), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(pen.value(x), torch.tensor(want_r, dtype=F64).sum(), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(pen.subgradient(x), torch.tensor(want_g, dtype=F64), rtol=1e-12, atol=1e-15)
+
+
+def test_l1l2_value_and_subgradient_formula() -> None:
+    x = torch.tensor([0.3, -1.2, 0.0, 2.0, -1e-12], dtype=F64)
+    for alpha in (1.0, 0.4):
+        pen = create_penalty(f"l1-l2:alpha={alpha}")
+        n2 = math.sqrt(sum(v * v for v in x.tolist()))
+        assert pen.value(x).item() == pytest.approx(sum(abs(v) for v in x.tolist()) - alpha * n2, rel=1e-14)
+        want = [sgn(v) - alpha * v / n2 for v in x.tolist()]
+        torch.testing.assert_close(pen.subgradient(x), torch.tensor(want, dtype=F64))
+        assert pen.subgradient(torch.zeros(4, dtype=F64)).abs().max().item() == 0
+
+
+@pytest.mark.parametrize("name", ["mcp", "scad"])
+def test_theta_none_is_theta_lambda(name: str) -> None:
+    lam = 0.07
+    default, explicit = create_penalty(name, lam=lam), create_penalty(f"{name}:theta={lam}", lam=lam)
+    assert default.theta is None and default.theta_value == lam
+    x = torch.linspace(-1, 1, 401, dtype=F64)
+    torch.testing.assert_close(default.value(x), explicit.value(x), rtol=0, atol=0)
+    torch.testing.assert_close(default.subgradient(x), explicit.subgradient(x), rtol=0, atol=0)
+    for step in (0.01, 0.1, 1.0):
+        torch.testing.assert_close(default.prox(x, step), explicit.prox(x, step), rtol=0, atol=0)
+    # a fixed θ does not follow λ; θ = λ does
+    fixed = create_penalty(f"{name}:theta=0.01", lam=lam)
+    assert fixed.theta_value == 0.01 and create_penalty(name, lam=1e-4).theta_value == 1e-4
+
+
+def test_theta_lambda_reproduces_the_classical_unnormalised_penalties() -> None:
+    """λ·R with θ = λ is MCP_{λ,a} / SCAD_{λ,a} itself, and its update the reference code's."""
+    lam, a = 1e-2, 3.0
+    x = torch.tensor([0.0, 1e-12, 0.004, -0.009, 0.011, 0.02, -0.029, 0.031, 0.5], dtype=F64)
+    mcp = create_penalty(f"mcp:a={a}", lam=lam)
+    inside = x.abs() <= a * lam
+    classical = torch.where(inside, lam * x.abs() - x.square() / (2 * a), a * lam * lam / 2)
+    torch.testing.assert_close(lam * elementwise(mcp, x), classical)
+    reference_update = torch.where(inside, lam * torch.sign(x) - x / a, 0.0)
+    torch.testing.assert_close(lam * mcp.subgradient(x), reference_update)
+
+    a = 3.7
+    scad = create_penalty(f"scad:a={a}", lam=lam)
+    ax = x.abs()
+    d = torch.where(ax <= lam, lam, torch.clamp(a * lam - ax, min=0) / (a - 1))  # Fan & Li's P'_λ
+    torch.testing.assert_close(lam * scad.subgradient(x), torch.sign(x) * d)
+
+
+# --- subgradient == autograd away from non-smooth points --------------------------------------
+
+AUTOGRAD_CASES = [
+    ("l1", set()),
+    ("lp:p=0.5,eps=0", set()),
+    ("lp:p=0.3", set()),  # default eps: relative difference (1−p)·eps/|x| < 1e-6 for |x| ≥ 1e-2
+    ("lp:p=0.9", set()),
+    ("tl1:a=0.5", set()),
+    ("tl1:a=2", set()),
+    ("mcp:theta=0.2", {0.6}),
+    ("mcp:a=1.5", {0.45}),  # θ = λ = 0.3
+    ("scad:theta=0.2", {0.2, 0.74}),
+    ("scad:a=2.5", {0.3, 0.75}),
+]
+
+
+@pytest.mark.parametrize(("spec", "kinks"), AUTOGRAD_CASES, ids=[c[0] for c in AUTOGRAD_CASES])
+def test_subgradient_is_autograd_of_value(spec: str, kinks: set[float]) -> None:
+    pen = create_penalty(spec, lam=0.3)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(2000, generator=g, dtype=F64) * 6 - 3)
+    away = (x.abs() > 1e-2) & torch.stack([(x.abs() - k).abs() > 1e-6 for k in kinks] + [x == x]).all(0)
+    x = x[away].requires_grad_(True)
+    (auto,) = torch.autograd.grad(pen.value(x), x)
+    torch.testing.assert_close(pen.subgradient(x.detach()), auto, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.3])
+def test_l1l2_subgradient_is_autograd(alpha: float) -> None:
+    pen = create_penalty(f"l1-l2:alpha={alpha}")
+    x = torch.tensor([0.5, -0.2, 1.3, -2.0, 0.01], dtype=F64, requires_grad=True)
+    (auto,) = torch.autograd.grad(pen.value(x), x)
+    torch.testing.assert_close(pen.subgradient(x.detach()), auto)
+
+
+# --- prox == brute-force minimisation ------------------------------------------------------
+
+
+def lp_threshold(p: float, t: float) -> float:
+    if p == 0.5:
+        return 1.5 * t ** (2 / 3)  # reference.md half thresholding
+    return (2 - p) / (2 - 2 * p) * (2 * t * (1 - p)) ** (1 / (2 - p))
+
+
+def tl1_threshold(a: float, t: float) -> float:
+    return t * (a + 1) / a if t <= a * a / (2 * (a + 1)) else math.sqrt(2 * t * (a + 1)) - a / 2
+
+
+def breakpoints(pen: Penalty, t: float) -> list[float]:
+    """|y| where the prox (or R) changes regime; the tests probe both sides of each."""
+    if pen.name == "l1":
+        return [t]
+    if pen.name == "lp":
+        return [lp_threshold(pen.p, t)]
+    if pen.name == "tl1":
+        return [tl1_threshold(pen.a, t)]
+    th, a = pen.theta_value, pen.a
+    if pen.name == "mcp":
+        return [t, a * th, math.sqrt(a * th * t)]
+    if pen.name == "scad":
+        return [t, th, a * th, th + t, th + math.sqrt(t * (a - 1) * th)]
+    raise AssertionError(pen.name)
+
+
+def probe_y(pen: Penalty, t: float) -> Tensor:
+    ys = [0.0, 1e-12, -1e-12, *torch.linspace(-4, 4, 41).tolist()]
+    for b in breakpoints(pen, t):
+        ys += [s * b * f for s in (1, -1) for f in (1 - 1e-3, 1 - 1e-9, 1.0, 1 + 1e-9, 1 + 1e-3)]
+    return torch.tensor(ys, dtype=F64)
+
+
+def brute_prox_1d(pen: Penalty, y: Tensor, t: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(x on the grid, its objective, is the minimiser unique) by grid search on [0, y].
+
+    Every built-in R is even and nondecreasing in |x|, so the minimiser lies between 0 and y.
+    A coarse grid and two local refinements give the minimum; a sublevel set of the coarse
+    grid wider than a few steps means several (near-)minimisers, where only the objective
+    can be compared.
+    """
+
+    def objective(s: Tensor) -> Tensor:
+        x = y[:, None] * s
+        return 0.5 * (x - y[:, None]).square() + t * elementwise(pen, x)
+
+    rows = torch.arange(len(y))
+    n = 1001
+    s = torch.linspace(0, 1, n, dtype=F64).expand(len(y), n)
+    f = objective(s)
+    fmin, idx = f.min(1)
+    best, h = s[rows, idx], 1 / (n - 1)
+    for _ in range(2):
+        lo, hi = torch.clamp(best - 2 * h, 0, 1), torch.clamp(best + 2 * h, 0, 1)
+        s2 = lo[:, None] + (hi - lo)[:, None] * torch.linspace(0, 1, 401, dtype=F64)
+        f2 = objective(s2)
+        f2min, idx2 = f2.min(1)
+        better = f2min < fmin
+        best = torch.where(better, s2[rows, idx2], best)
+        fmin = torch.minimum(fmin, f2min)
+        h = 4 * h / 400
+    step = y.abs() / (n - 1)
+    delta = 8 * step * (y.abs() + t + 1)  # how much f can vary between neighbouring coarse points
+    near = f <= fmin[:, None] + delta[:, None]
+    x = y[:, None] * s
+    spread = torch.where(near, x, math.inf).min(1).values, torch.where(near, x, -math.inf).max(1).values
+    unique = (spread[1] - spread[0]) <= 50 * step
+    return y * best, fmin, unique
+
+
+PROX_CASES = [
+    ("l1", 0.1),
+    ("lp:p=0.5", 0.1),
+    ("lp:p=0.6666666666666666", 0.1),
+    ("lp:p=0.25", 0.1),
+    ("lp:p=0.75", 0.1),
+    ("lp:p=0.9,eps=0", 0.1),
+    ("tl1:a=1", 0.1),
+    ("tl1:a=0.5", 0.1),
+    ("tl1:a=4", 0.1),
+    ("mcp", 0.4),  # θ = λ: aθ = 1.2
+    ("mcp:a=2,theta=0.3", 0.1),  # aθ = 0.6
+    ("mcp:a=1.5,theta=1", 0.1),
+    ("scad", 0.3),  # θ = λ: aθ = 1.11, (a−1)θ = 0.81
+    ("scad:theta=0.2", 0.1),  # (a−1)θ = 0.54
+    ("scad:a=2.5,theta=0.5", 0.1),  # (a−1)θ = 0.75
+]
+
+
+def steps_for(pen: Penalty) -> list[float]:
+    steps = [1e-3, 0.05, 0.3, 1.2, 3.0]
+    if pen.name == "mcp":
+        steps.append(pen.a * pen.theta_value)  # boundary of the nonconvex (hard thresholding) case
+    if pen.name == "scad":
+        steps.append((pen.a - 1) * pen.theta_value)  # the quadratic piece turns linear
+    return steps
+
+
+@pytest.mark.parametrize(("spec", "lam"), PROX_CASES, ids=[c[0] for c in PROX_CASES])
+def test_prox_matches_brute_force(spec: str, lam: float) -> None:
+    pen = create_penalty(spec, lam=lam)
+    for t in steps_for(pen):
+        y = probe_y(pen, t)
+        x = pen.prox(y, t)
+        assert x.dtype == F64 and x.shape == y.shape
+        f = 0.5 * (x - y).square() + t * elementwise(pen, x)
+        xb, fb, unique = brute_prox_1d(pen, y, t)
+        bad = f > fb + 1e-10 * (1 + y.square())
+        assert not bad.any(), f"{spec} step={t}: objective above brute force at y={y[bad].tolist()}"
+        far = unique & ((x - xb).abs() > 1e-3 * (1 + y.abs()))
+        assert not far.any(), f"{spec} step={t}: x differs at y={y[far].tolist()}: {x[far]} vs {xb[far]}"
+        assert (x * y >= 0).all() and (x.abs() <= y.abs()).all()  # shrinkage with sign kept
+
+
+@pytest.mark.parametrize(("spec", "lam"), PROX_CASES, ids=[c[0] for c in PROX_CASES])
+def test_prox_threshold_is_sharp(spec: str, lam: float) -> None:
+    """Exact zeros strictly inside the threshold, nonzero just outside (sparsity of proximal slimming)."""
+    pen = create_penalty(spec, lam=lam)
+    for t in steps_for(pen):
+        tau = breakpoints(pen, t)
+        if pen.name == "mcp":
+            b = pen.a * pen.theta_value
+            tau = t if t < b else math.sqrt(b * t)
+        elif pen.name == "scad":
+            th, a = pen.theta_value, pen.a
+            if t >= (a - 1) * th:
+                continue  # the switch point of the nonconvex case has no simple formula
+            tau = t
+        else:
+            tau = tau[0]
+        inside = torch.tensor([0.0, 1e-12, tau * 0.5, tau * (1 - 1e-6)], dtype=F64)
+        outside = torch.tensor([tau * (1 + 1e-6), tau * 1.01, tau * 2], dtype=F64)
+        assert pen.prox(inside, t).abs().max().item() == 0
+        assert pen.prox(-inside, t).abs().max().item() == 0
+        assert (pen.prox(outside, t).abs() > 0).all()
+
+
+def test_prox_nonconvex_cases_are_hard_thresholding() -> None:
+    mcp = create_penalty("mcp:a=2,theta=0.3")  # aθ = 0.6 ≤ step: hard thresholding at √(aθ·step)
+    y = torch.tensor([0.9, 0.95, 1.5, -2.0], dtype=F64)
+    torch.testing.assert_close(mcp.prox(y, 1.5), torch.where(y.abs() > math.sqrt(0.9), y, 0.0))
+    scad = create_penalty("scad:theta=0.2")
+    y = torch.tensor([5.0, -4.0], dtype=F64)  # far out: identity in every regime
+    for t in (0.1, 1.0, 3.0):
+        torch.testing.assert_close(scad.prox(y, t), y)
+
+
+def test_scad_prox_convex_case_is_fan_li() -> None:
+    """With step = θ (the classical setting) the prox is Fan & Li's thresholding rule."""
+    th, a = 0.5, 3.7
+    pen = create_penalty(f"scad:a={a},theta={th}")
+    y = torch.linspace(-3, 3, 601, dtype=F64)
+    ay = y.abs()
+    want = torch.where(
+        ay <= 2 * th,
+        torch.sign(y) * torch.clamp(ay - th, min=0),
+        torch.where(ay <= a * th, ((a - 1) * y - torch.sign(y) * a * th) / (a - 2), y),
+    )
+    torch.testing.assert_close(pen.prox(y, th), want)
+
+
+@pytest.mark.parametrize("spec", ["lp:p=0.5", "lp:p=0.6666666666666666", "lp:p=0.3", "tl1", "mcp", "scad"])
+def test_prox_float32_matches_float64(spec: str) -> None:
+    pen = create_penalty(spec, lam=0.2)
+    t = 0.3
+    y = torch.linspace(-3, 3, 301, dtype=F64)
+    keep = torch.stack([(y.abs() - b).abs() > 1e-2 for b in breakpoints(pen, t)]).all(0)
+    y = y[keep]
+    x64 = pen.prox(y, t)
+    x32 = pen.prox(y.float(), t)
+    assert x32.dtype == torch.float32
+    torch.testing.assert_close(x32.double(), x64, rtol=1e-4, atol=1e-5)
+
+
+def test_lp_closed_forms_agree_with_the_newton_solve() -> None:
+    """p = ½ and ⅔ closed forms vs the generic Newton solve at the same p."""
+    from slimcli.penalties.lp import _newton
+
+    y = torch.linspace(0.5, 6, 200, dtype=F64)
+    for p, spec in ((0.5, "lp:p=0.5"), (2 / 3, "lp:p=0.6666666666666666")):
+        pen = create_penalty(spec)
+        t = 0.4
+        tau, x_tau = pen.threshold(t)
+        yy = y[y > tau]
+        torch.testing.assert_close(pen.prox(yy, t), _newton(yy, t, p, x_tau), rtol=1e-12, atol=1e-12)
+
+
+def test_prox_with_zero_step_is_identity_and_negative_step_is_rejected() -> None:
+    y = torch.tensor([0.0, 1e-3, -2.0], dtype=F64)
+    for name in ("lp", "tl1", "mcp", "scad", "l1-l2"):
+        pen = create_penalty(name, lam=0.1)
+        torch.testing.assert_close(pen.prox(y, 0.0), y)
+        with pytest.raises(ValueError, match="step"):
+            pen.prox(y, -1.0)
+
+
+def test_mcp_scad_with_lambda_zero_do_nothing() -> None:
+    y = torch.tensor([0.0, 0.5, -2.0], dtype=F64)
+    for name in ("mcp", "scad"):
+        pen = create_penalty(name, lam=0.0)
+        assert pen.is_zero
+        assert pen.value(y).item() == 0 and pen.subgradient(y).abs().max().item() == 0
+        torch.testing.assert_close(pen.prox(y, 0.1), y)
+
+
+# --- l1-l2 prox: brute force in 2-D and 3-D --------------------------------------------------
+
+
+def l1l2_objective(x: Tensor, y: Tensor, t: float, alpha: float) -> Tensor:
+    """½‖x − y‖² + t(‖x‖₁ − α‖x‖₂) for a batch of rows x."""
+    r = x.abs().sum(-1) - alpha * torch.linalg.vector_norm(x, dim=-1)
+    return 0.5 * (x - y).square().sum(-1) + t * r
+
+
+Y2 = torch.tensor([(0.0, 0.0), (1e-12, 0.0), (0.3, 0.1), (0.3, 0.3), (-0.2, 0.05), (1.5, -0.7), (2.0, 0.2),
+                   (0.5, 0.49), (0.08, -0.02), (1.0, 1.0), (-0.9, 0.0), (0.61, 0.6)], dtype=F64)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5, 0.2])
+def test_l1l2_prox_matches_brute_force_2d(alpha: float) -> None:
+    """Grid over a box around every y (all y at once), then two local refinements."""
+    pen = create_penalty(f"l1-l2:alpha={alpha}")
+    n, b = 121, 2.2
+    g = torch.linspace(-b, b, n, dtype=F64)
+    grid = torch.cartesian_prod(g, g)
+    h = 2 * b / (n - 1)
+    for t in (0.1, 0.4, 1.0):
+        x = torch.stack([pen.prox(y, t) for y in Y2])
+        f = l1l2_objective(x, Y2, t, alpha)
+        fg = l1l2_objective(grid[None], Y2[:, None], t, alpha)
+        fb, idx = fg.min(1)
+        best, hh = grid[idx], h
+        for _ in range(2):
+            fine = torch.linspace(-2 * hh, 2 * hh, 41, dtype=F64)
+            local = best[:, None] + torch.cartesian_prod(fine, fine)[None]
+            fl = l1l2_objective(local, Y2[:, None], t, alpha)
+            flmin, il = fl.min(1)
+            best = torch.where((flmin < fb)[:, None], local[torch.arange(len(Y2)), il], best)
+            fb, hh = torch.minimum(fb, flmin), 4 * hh / 40
+        assert (f <= fb + 1e-10).all(), (alpha, t, Y2[f > fb + 1e-10], x[f > fb + 1e-10])
+        for i in range(len(Y2)):
+            near = grid[fg[i] <= fb[i] + 8 * h * (b + t + 1)]
+            if float((near - best[i]).abs().max()) <= 10 * h:  # a unique minimiser: x must be near it
+                assert float((x[i] - best[i]).abs().max()) <= 12 * h, (alpha, t, Y2[i], x[i], best[i])
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.6])
+def test_l1l2_prox_matches_random_search_3d(alpha: float) -> None:
+    """Random search plus a shrinking local search, all y at once; the closed form must do as well."""
+    pen = create_penalty(f"l1-l2:alpha={alpha}")
+    gen = torch.Generator().manual_seed(1)
+    ys = torch.tensor(
+        [(0.2, -0.1, 0.05), (1.2, 0.4, -0.8), (0.5, 0.5, 0.1), (0.0, 0.0, 0.0), (3.0, -0.05, 0.0)], dtype=F64
+    )
+    ys = torch.cat([ys, torch.randn(5, 3, generator=gen, dtype=F64)])
+    rows = torch.arange(len(ys))
+    for t in (0.1, 0.6, 2.0):
+        x = torch.stack([pen.prox(y, t) for y in ys])
+        f = l1l2_objective(x, ys, t, alpha)
+        b = float(ys.abs().max()) + 0.2
+        cand = (torch.rand(len(ys), 5000, 3, generator=gen, dtype=F64) * 2 - 1) * b
+        # every 1-sparse and 0 pattern at y's coordinates, so sparse optima are reachable
+        cand = torch.cat([cand, torch.zeros(len(ys), 1, 3, dtype=F64), torch.diag_embed(ys)], 1)
+        fc = l1l2_objective(cand, ys[:, None], t, alpha)
+        fb, idx = fc.min(1)
+        best, scale = cand[rows, idx], b / 10
+        for _ in range(30):
+            trial = best[:, None] + torch.randn(len(ys), 300, 3, generator=gen, dtype=F64) * scale
+            trial = torch.cat([trial, trial * (torch.rand(len(ys), 300, 3, generator=gen) > 0.5)], 1)
+            ft = l1l2_objective(trial, ys[:, None], t, alpha)
+            ftmin, it = ft.min(1)
+            best = torch.where((ftmin < fb)[:, None], trial[rows, it], best)
+            fb, scale = torch.minimum(fb, ftmin), scale * 0.7
+        assert (f <= fb + 1e-10).all(), (alpha, t, ys[f > fb + 1e-10], x[f > fb + 1e-10])
+
+
+def test_l1l2_prox_regimes() -> None:
+    """‖y‖∞ > t: dense; (1−α)t < ‖y‖∞ ≤ t: 1-sparse on the largest entry; below: zero."""
+    t = 1.0
+    y = torch.tensor([0.2, -0.9, 0.5], dtype=F64)
+    x = create_penalty("l1-l2").prox(y, t)  # α = 1: keep the largest entry as it is
+    torch.testing.assert_close(x, torch.tensor([0.0, -0.9, 0.0], dtype=F64))
+    x = create_penalty("l1-l2:alpha=0.5").prox(y, t)
+    torch.testing.assert_close(x, torch.tensor([0.0, -0.4, 0.0], dtype=F64))
+    assert create_penalty("l1-l2:alpha=0.05").prox(y, t).abs().max().item() == 0  # 0.9 ≤ 0.95
+    y = torch.tensor([1.5, -1.2, 0.3], dtype=F64)
+    z = torch.tensor([0.5, -0.2, 0.0], dtype=F64)
+    want = z * (1 + t / torch.linalg.vector_norm(z))
+    torch.testing.assert_close(create_penalty("l1-l2").prox(y, t), want)
+    tie = create_penalty("l1-l2").prox(torch.tensor([0.5, -0.5], dtype=F64), t)  # two minimisers
+    assert sorted(tie.abs().tolist()) == [0.0, 0.5]
+
+
+def test_l1l2_is_per_layer() -> None:
+    """Non-separable: prox_many/value_many treat each layer's vector on its own."""
+    pen = create_penalty("l1-l2", lam=0.1)
+    a = torch.tensor([0.3, -0.2, 1.0], dtype=F64)
+    b = torch.tensor([[0.05, 0.8]], dtype=F64)
+    out = pen.prox_many([a, b], 0.4)
+    assert out is not None
+    torch.testing.assert_close(out[0], pen.prox(a, 0.4))
+    torch.testing.assert_close(out[1], pen.prox(b.reshape(-1), 0.4).view_as(b))
+    torch.testing.assert_close(pen.value_many([a, b]), pen.value(a) + pen.value(b.reshape(-1)))
+    assert not torch.allclose(pen.value_many([a, b]), pen.value(torch.cat([a, b.reshape(-1)])))
+
+
+# --- options ----------------------------------------------------------------------------------
+
+INVALID = [
+    ("lp:p=1.5", "0 < p < 1"),
+    ("lp:p=0", "0 < p < 1"),
+    ("lp:p=1", "0 < p < 1"),
+    ("lp:eps=-1e-3", "eps >= 0"),
+    ("tl1:a=-1", "a > 0"),
+    ("tl1:a=0", "a > 0"),
+    ("tl1:a=inf", "a > 0"),
+    ("mcp:a=1", "a > 1"),
+    ("mcp:theta=0", "theta > 0"),
+    ("mcp:theta=-0.1", "theta > 0"),
+    ("scad:a=2", "a > 2"),
+    ("scad:theta=-1", "theta > 0"),
+    ("l1-l2:alpha=0", "0 < alpha <= 1"),
+    ("l1-l2:alpha=1.5", "0 < alpha <= 1"),
+    ("lp:p=abc", "must be a number"),
+]
+
+
+@pytest.mark.parametrize(("spec", "rule"), INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_options_name_the_valid_range(spec: str, rule: str) -> None:
+    with pytest.raises(UsageError, match=rule):
+        create_penalty(spec)
+
+
+def test_unknown_option_key_lists_valid_options() -> None:
+    with pytest.raises(UsageError) as info:
+        create_penalty("lp:pp=0.5")
+    msg = str(info.value)
+    assert "unknown option 'pp'" in msg and "Did you mean 'p'" in msg and "eps" in msg
+    with pytest.raises(UsageError, match="takes no options"):
+        create_penalty("l1:a=1")
+    with pytest.raises(UsageError, match="Did you mean 'scad'"):
+        create_penalty("scda")
+
+
+def test_valid_specs_and_defaults() -> None:
+    lp = create_penalty("lp")
+    assert (lp.p, lp.eps) == (0.5, 1e-8)
+    assert create_penalty("tl1").a == 1.0
+    mcp = create_penalty("mcp:theta=none")
+    assert (mcp.a, mcp.theta) == (3.0, None)
+    assert create_penalty("scad").a == 3.7
+    assert create_penalty("l1-l2").alpha == 1.0
+    assert create_penalty("mcp:a=2,theta=0.01").spec == "mcp:a=2.0,theta=0.01"
+    assert create_penalty("lp:p=0.5").spec == "lp"
+
+
+def test_listing_shows_every_penalty_with_its_rules() -> None:
+    """What ``slim list penalties`` prints: each built-in's options with their valid ranges."""
+    rules = {info.name: {o["name"]: o["rule"] for o in info.as_dict()["options"]} for info in PENALTIES}
+    assert rules["lp"] == {"p": "0 < p < 1", "eps": "eps >= 0"}
+    assert rules["tl1"] == {"a": "a > 0"}
+    assert rules["mcp"]["a"] == "a > 1" and rules["scad"]["a"] == "a > 2"
+    assert rules["mcp"]["theta"] == rules["scad"]["theta"] == "theta > 0, or none (= lam)"
+    assert rules["l1-l2"] == {"alpha": "0 < alpha <= 1"}
+    assert all(PENALTIES.get(n).description for n in ("lp", "tl1", "mcp", "scad", "l1-l2"))
