@@ -363,7 +363,7 @@ def _verify(
     except Exception as exc:  # ValidationError, or shape-inference errors from full_check
         raise ExportError(f"onnx.checker rejected the {exporter} export: {_first_line(exc)}") from None
     try:
-        session = _session(ort, data)
+        session = _session(ort, data, threads=1)  # parity needs no parallelism; latency uses the default
     except Exception as exc:
         raise ExportError(f"onnxruntime cannot load the {exporter} export: {_first_line(exc)}") from None
     if [i.name for i in session.get_inputs()] != [INPUT_NAME]:
