@@ -1,6 +1,6 @@
 """Downloads: streamed with a progress bar on stderr, md5-verified, never half-written.
 
-A file is fetched to ``NAME.part`` next to its destination, checked, then renamed, so an
+A file is fetched to ``NAME.<pid>.part`` next to its destination, checked, then renamed, so an
 interrupted or corrupt download never sits where a good file is expected. Archives are
 extracted into a temporary folder beside the destination and their files renamed into place.
 """
@@ -56,7 +56,7 @@ def md5_of(path: Path) -> str:
 def download_file(url: str, dest: Path, md5: str, *, hint: str) -> Path:
     """Fetch ``url`` to ``dest`` if its md5 matches; ``hint`` (where to put the file by hand) ends errors."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
+    part = dest.with_name(f"{dest.name}.{os.getpid()}.part")  # two processes never share a .part
     digest = hashlib.md5(usedforsecurity=False)
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT_S) as resp, open(part, "wb") as f:
