@@ -33,6 +33,8 @@ import logging
 import os
 import secrets
 import statistics
+import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -158,10 +160,36 @@ def _fsync_dir(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[io.StringIO]:
-    """Silence the exporters' progress prints, deprecation warnings and log lines.
+def _native_output_silenced() -> Iterator[None]:
+    """Send what native code writes to file descriptors 1 and 2 to a scratch file meanwhile.
 
-    What they print is captured so that a failure can quote it.
+    torch 2.13's TorchScript exporter always has its C++ log on (it tests the function
+    ``_jit_is_onnx_log_enabled`` instead of calling it) and dumps its whole IR graph to
+    stdout when it fails, which would corrupt the command's stdout; a failure is reported
+    as one line instead.
+    """
+    saved: list[tuple[int, int]] = []
+    try:
+        with tempfile.TemporaryFile() as scratch:
+            for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+                try:
+                    stream.flush()
+                    saved.append((fd, os.dup(fd)))
+                    os.dup2(scratch.fileno(), fd)
+                except (OSError, ValueError, AttributeError):  # no real fd (embedded interpreters)
+                    continue
+            yield
+    finally:
+        for fd, copy_fd in reversed(saved):
+            os.dup2(copy_fd, fd)
+            os.close(copy_fd)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[io.StringIO]:
+    """Silence the exporters' progress prints, deprecation warnings, log lines and native dumps.
+
+    What Python code prints is captured so that a failure can quote it.
     """
     buf = io.StringIO()
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
@@ -169,7 +197,12 @@ def _quiet() -> Iterator[io.StringIO]:
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(buf),
+            contextlib.redirect_stderr(buf),
+            _native_output_silenced(),
+        ):
             warnings.simplefilter("ignore")
             yield buf
     finally:
@@ -180,11 +213,6 @@ def _quiet() -> Iterator[io.StringIO]:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
-
-
-def _default_opset(onnx: Any) -> int:
-    ver = getattr(getattr(torch.onnx, "_constants", None), "ONNX_DEFAULT_OPSET", None)
-    return int(ver) if ver else int(onnx.defs.onnx_opset_version())
 
 
 def _graph_opset(proto: Any) -> int:
@@ -228,6 +256,11 @@ def _export_dynamo(model: nn.Module, example: Tensor, f: Path, opset: int | None
     if program is None:  # pragma: no cover - only torch versions that write f themselves
         raise RuntimeError("the dynamo exporter returned no program")
     program.save(str(f), external_data=False)
+
+
+def _torchscript_max_opset() -> int:
+    consts = getattr(torch.onnx, "_constants", None)
+    return int(getattr(consts, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20))
 
 
 _EXPORT_FNS = {"torchscript": _export_torchscript, "dynamo": _export_dynamo}
@@ -308,8 +341,6 @@ def _build(
     doc: str,
 ) -> tuple[Any, bytes]:
     """Export with one exporter and return ``(ModelProto, serialised single-file bytes)``."""
-    import tempfile
-
     onnx, _ = _require_onnx()
     # The exporter writes into a private folder, so any side files it makes (external data)
     # never appear next to the destination; the model is then re-serialised as one file.
@@ -447,6 +478,8 @@ def export_onnx(
         doc = f"exported by slim from {metadata.get(_META_PREFIX + 'arch', type(net).__name__)}"
 
         order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
+        if exporter == "auto" and opset is not None and opset > _torchscript_max_opset():
+            order = ["dynamo"]
         problems: list[str] = []
         chosen: _Candidate | None = None
         for name in order:

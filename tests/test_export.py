@@ -215,6 +215,20 @@ def test_opset_is_honoured(tmp_path: Path) -> None:
     assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [13]
 
 
+def test_exporter_failure_is_one_line_and_silent(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """torch's TorchScript exporter dumps its IR graph to stdout (fd 1) when it fails."""
+    try:
+        model, out = MODELS["convnet"](), tmp_path / "m.onnx"
+        export_onnx(model, out, input_shape=SHAPE, metadata={}, opset=25, exporter="torchscript")
+    except ExportError as exc:
+        assert "torchscript exporter failed" in str(exc) and "\n" not in str(exc)
+    else:
+        pytest.skip("this torch's TorchScript exporter supports opset 25")
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""
+    assert not list(tmp_path.iterdir())
+
+
 def test_caller_model_untouched(tmp_path: Path) -> None:
     model = MODELS["convnet"]().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
