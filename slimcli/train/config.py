@@ -75,7 +75,8 @@ class TrainConfig:
         for m in self.milestones:
             if not 0 < m <= 1:
                 raise UsageError(
-                    f"--milestones are fractions of the epochs in (0, 1], got {m}; e.g. --milestones 0.5,0.75"
+                    f"--milestones must be fractions of the epochs in (0, 1], got {m}; "
+                    f"e.g. --milestones 0.5,0.75"
                 )
         if self.gamma_init is not None and not math.isfinite(self.gamma_init):
             raise UsageError(f"--gamma-init must be a finite number, got {self.gamma_init}")

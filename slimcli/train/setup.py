@@ -130,7 +130,7 @@ def prepare(config: TrainConfig) -> Run:
         lineage = [*(parent.lineage if parent else []),
                    lineage_entry(config.stage, parent.sha256 if parent else None, config.command)]
         base_meta = {
-            "arch": parent_meta.get("arch", str(ARCHS.parse(config.arch))),
+            "arch": parent_meta["arch"] if parent is not None else str(ARCHS.parse(config.arch)),
             "widths": parent_meta.get("widths"),
             "num_classes": dataset.num_classes,
             "input_shape": list(dataset.input_shape),

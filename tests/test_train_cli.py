@@ -1,0 +1,141 @@
+"""`slim sparsify-train` and `slim finetune` on the command line: results, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimcli.checkpoint import load_checkpoint
+from slimcli.cli import main
+
+ARCH = "vgg11:width=0.125"
+DATA = "synthetic:n=128,n_test=64,size=16,channels=1,classes=4"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def slim(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(SystemExit) as info:
+        mp.setattr(sys, "argv", ["slim", *args])  # the lineage records the process's command line
+        main(list(args))
+    captured = capsys.readouterr()
+    code = info.value.code
+    return (0 if code is None else int(code)), captured.out, captured.err
+
+
+def small(out: Path, *extra: str) -> list[str]:
+    return ["sparsify-train", "--arch", ARCH, "--dataset", DATA, "--epochs", "1", "--batch-size", "32",
+            "--device", "cpu", "--out", str(out), "--quiet", *extra]
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("Error")]
+
+
+def test_sparsify_train_then_finetune(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    code, out, err = slim(capsys, *small(run, "--penalty", "tl1:a=0.5", "--lam", "1e-3"))
+    assert code == 0, err
+    assert "best test accuracy" in out and str(run) in out and "slim prune" in out  # summary on stdout
+    assert "epoch 1/1" in err and "Traceback" not in err  # progress on stderr, plain (not a TTY)
+    meta = load_checkpoint(run / "last.safetensors").meta
+    assert meta["train"]["penalty"] == "tl1:a=0.5" and meta["train"]["lam"] == 1e-3
+    assert meta["lineage"][0]["command"].startswith("slim sparsify-train")
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+    ft = tmp_path / "ft"
+    code, out, err = slim(capsys, "finetune", str(run / "best.safetensors"), "--epochs", "1",
+                          "--batch-size", "32", "--device", "cpu", "--out", str(ft), "--quiet")
+    assert code == 0, err
+    meta = load_checkpoint(ft / "last.safetensors").meta
+    assert meta["stage"] == "finetuned" and meta["train"]["penalty"] == "none" and meta["dataset"] == DATA
+    assert meta["lineage"][-1]["command"].startswith("slim finetune")
+    assert json.loads((ft / "metrics.jsonl").read_text())["penalty"] == 0.0
+
+    # the same --out again: refused, pointing at --resume
+    code, _, err = slim(capsys, *small(run))
+    assert code == 2 and f"slim sparsify-train --resume {run}" in err and len(error_lines(err)) == 1
+    # --resume takes the saved options; others are refused
+    code, _, err = slim(capsys, "sparsify-train", "--resume", str(run), "--lr", "0.5")
+    assert code == 2 and "--lr" in err and "saved options" in err
+    code, out, err = slim(capsys, "sparsify-train", "--resume", str(run), "--quiet", "--device", "cpu")
+    assert code == 0 and "epochs" in out  # already complete: nothing to do, summary again
+    code, _, err = slim(capsys, "finetune", "--device", "cpu")
+    assert code == 2 and "checkpoint" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--dataset", "cifar11"], "Did you mean 'cifar10'"),
+        (["--arch", "vgg12"], "unknown arch 'vgg12'"),
+        (["--penalty", "tl2"], "Did you mean 'tl1'"),
+        (["--penalty", "lp:p=1.5"], "0 < p < 1"),
+        (["--penalty", "tl1:b=1"], "unknown option 'b'"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--epochs", "-1"], "--epochs"),
+        (["--lr", "0"], "--lr"),
+        (["--lam", "-1"], "--lam"),
+        (["--device", "gpu"], "cuda:N"),
+        (["--milestones", "0.5,2"], "fractions of the epochs"),
+        (["--amp", "fp8"], "--amp"),
+        (["--update", "adam"], "--update"),
+    ],
+)
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path, args: list[str],
+                             needle: str) -> None:
+    code, out, err = slim(capsys, "sparsify-train", "--out", str(tmp_path / "r"), *args)
+    assert code == 2 and needle in err, err
+    assert len(error_lines(err)) == 1 and "Traceback" not in err and out == ""
+    assert not (tmp_path / "r").exists()
+
+
+def test_runtime_errors_exit_1_with_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    if not torch.cuda.is_available():
+        code, _, err = slim(capsys, *small(tmp_path / "r", "--device", "cuda"))
+        assert code == 1
+        assert err.strip() == "Error: --device cuda: no CUDA device is available here; use --device cpu"
+    # cifar10 files absent and downloads forbidden: the dataset's DataError
+    monkeypatch.setenv("SLIM_OFFLINE", "1")
+    monkeypatch.setenv("SLIM_DATA", str(tmp_path / "none"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    code, _, err = slim(capsys, "sparsify-train", "--arch", ARCH, "--dataset", "cifar10", "--device", "cpu",
+                        "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "r"), "--quiet")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "not found" in err and "--data-dir" in err
+    # a missing checkpoint for finetune
+    code, _, err = slim(capsys, "finetune", str(tmp_path / "missing.safetensors"), "--device", "cpu")
+    assert code == 1 and "not found" in err and len(err.strip().splitlines()) == 1
+
+
+def test_proximal_needs_a_prox(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from slimcli.penalties import Penalty
+    from slimcli.registry import PENALTIES, register_penalty
+
+    @register_penalty("test-cli-noprox")
+    class NoProx(Penalty):
+        """No proximal map."""
+
+        def value(self, x: torch.Tensor) -> torch.Tensor:
+            return x.abs().sum()
+
+        def subgradient(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.sign(x)
+
+    try:
+        args = small(tmp_path / "r", "--penalty", "test-cli-noprox", "--update", "proximal")
+        code, _, err = slim(capsys, *args)
+    finally:
+        PENALTIES.unregister("test-cli-noprox")
+    assert code == 2 and "--update subgradient" in err and len(error_lines(err)) == 1
