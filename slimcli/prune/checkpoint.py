@@ -1,0 +1,314 @@
+"""Prune a checkpoint into a slim checkpoint: the library behind ``slim prune``.
+
+:func:`prune_checkpoint` loads a checkpoint, chooses the channels under one rule
+(:func:`~slimcli.prune.compute_keep`), rebuilds the slim model
+(:func:`~slimcli.prune.prune_model`), optionally measures its test accuracy right away (the
+paper's "before fine-tuning" number) and exports it to ONNX with the code of ``slim export``,
+and writes a checkpoint of stage ``pruned`` whose ``slim.widths`` let
+:func:`slimcli.checkpoint.build_model` rebuild it from the dense architecture.
+
+Nothing is half-written: every input is checked first (rule, value, output paths, the ONNX
+folder), the checkpoint goes to a temporary file, the ONNX export (itself atomic) follows,
+and only then is the checkpoint renamed into place. A failure at any step leaves neither
+file. The input checkpoint is never overwritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from slimcli.errors import CheckpointError, DataError, UsageError
+from slimcli.prune.rules import RULES, KeepPlan, compute_keep
+from slimcli.prune.surgery import PruneReport, prune_model
+
+if TYPE_CHECKING:
+    from slimcli.export import ExportReport
+    from slimcli.measure import Measurement
+
+SUFFIX = ".safetensors"
+_STATE_SUFFIX = ".state.safetensors"
+#: what each rule's value is, for messages
+RULE_VALUES = {
+    "ratio": "a fraction of the channels in (0, 1)",
+    "threshold": "a |γ| threshold >= 0",
+    "target_params": "a fraction of the parameters to keep in (0, 1]",
+    "target_flops": "a fraction of the FLOPs to keep in (0, 1]",
+}
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune_checkpoint` did and wrote."""
+
+    source: Path
+    source_sha256: str
+    out: Path
+    sha256: str
+    plan: KeepPlan
+    report: PruneReport
+    before: Measurement  # the input checkpoint's model
+    after: Measurement  # the slim model
+    meta: dict[str, Any]  # the metadata written (decoded, without the slim. prefix)
+    accuracy_before: float | None  # the latest test accuracy recorded in the input checkpoint
+    accuracy: float | None = None  # test accuracy right after pruning (with eval)
+    loss: float | None = None
+    export: ExportReport | None = None
+    model: nn.Module | None = field(default=None, repr=False)  # the slim model (CPU, eval mode)
+
+    @property
+    def flops_pruned_ratio(self) -> float:
+        return 1.0 - self.after.flops / self.before.flops if self.before.flops else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (``slim prune --json``)."""
+        d: dict[str, Any] = {
+            "source": str(self.source),
+            "source_sha256": self.source_sha256,
+            "out": str(self.out),
+            "sha256": self.sha256,
+            "prune": self.meta.get("prune"),
+            "widths": dict(self.report.widths),
+            "layers": [r.as_dict() for r in self.report.layers],
+            "accuracy_before": self.accuracy_before,
+            "accuracy": self.accuracy,
+            "loss": self.loss,
+        }
+        if self.export is not None:
+            e = self.export
+            d["export"] = {
+                "path": str(e.path), "size_bytes": e.size_bytes, "opset": e.opset, "exporter": e.exporter,
+                "max_abs_diff": e.max_abs_diff, "rel_diff": e.rel_diff, "latency_ms": e.latency_ms,
+                "input_shape": list(e.input_shape), "output_shape": list(e.output_shape),
+                "notes": list(e.notes),
+            }
+        return d
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs
+
+
+def check_rule(rule: str, value: float) -> float:
+    """Validate a rule and its value before any work; return the value as a float.
+
+    ``ratio`` must lie strictly inside (0, 1): 0 prunes nothing and 1 everything.
+    """
+    if rule not in RULES:
+        raise UsageError(f"unknown pruning rule {rule!r}; use one of {', '.join(RULES)}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{rule} needs {RULE_VALUES[rule]}, got {value!r}") from None
+    ok = math.isfinite(v) and {
+        "ratio": 0 < v < 1,
+        "threshold": v >= 0,
+        "target_params": 0 < v <= 1,
+        "target_flops": 0 < v <= 1,
+    }[rule]
+    if not ok:
+        raise UsageError(f"{rule.replace('_', ' ')} must be {RULE_VALUES[rule]}, got {value}")
+    return v
+
+
+def default_out(ckpt_path: str | os.PathLike[str]) -> Path:
+    """``<stem>-pruned.safetensors`` next to the input: ``best.safetensors`` → ``best-pruned.safetensors``."""
+    p = Path(ckpt_path)
+    stem = p.name[: -len(SUFFIX)] if p.name.endswith(SUFFIX) else p.stem
+    return p.with_name(f"{stem}-pruned{SUFFIX}")
+
+
+def newest_checkpoint(root: str | os.PathLike[str] = "runs") -> Path:
+    """The most recently modified checkpoint under ``root`` (training-state files and
+    temporary files excluded); a :class:`UsageError` when there is none."""
+    base = Path(root)
+    found = [
+        p for p in base.rglob(f"*{SUFFIX}")
+        if p.is_file() and not p.name.endswith(_STATE_SUFFIX) and not p.name.startswith(".")
+    ] if base.is_dir() else []
+    if not found:
+        raise UsageError(f"no checkpoint given and none found under ./{base.as_posix()}; pass CKPT "
+                         f"(a .safetensors file written by slim sparsify-train or finetune)")
+    return max(found, key=lambda p: (p.stat().st_mtime_ns, str(p)))
+
+
+def _check_out(source: Path, out: Path) -> None:
+    if not out.name.endswith(SUFFIX) or out.name.endswith(_STATE_SUFFIX):
+        raise UsageError(f"--out must be a checkpoint file ending in {SUFFIX} (not {_STATE_SUFFIX}), "
+                         f"got {out}; e.g. {default_out(source)}")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; give a file name ending in {SUFFIX}")
+    same = out.resolve() == source.resolve()
+    if not same and out.exists():
+        with contextlib.suppress(OSError):
+            same = os.path.samefile(out, source)
+    if same:
+        raise UsageError(f"--out {out} is the input checkpoint; pruning never overwrites its input, "
+                         f"choose another file (default: {default_out(source)})")
+
+
+def _check_export_destination(path: Path) -> None:
+    """Fail before any work when the ONNX file cannot be written (exactly the checks of ``slim export``)."""
+    from slimcli.export import _check_destination, _create_temp
+
+    folder = _check_destination(path)
+    tmp = _create_temp(folder, path.name)  # proves the folder is writable
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+
+
+# ----------------------------------------------------------------------------------------------
+# the pipeline
+
+
+def _prune_meta(
+    plan: KeepPlan, report: PruneReport, before: Measurement, after: Measurement,
+    accuracy: float | None, loss: float | None, source_sha: str,
+) -> dict[str, Any]:
+    meta = {
+        **plan.summary(),
+        "kept": {r.name: r.kept for r in report.layers if r.prunable},
+        "channels": {r.name: r.channels for r in report.layers if r.prunable},
+        "not_prunable": {r.name: r.reason for r in report.layers if not r.prunable},
+        "params_before": before.params,
+        "params_after": after.params,
+        "params_pruned_ratio": 1.0 - after.params / before.params if before.params else 0.0,
+        "flops_before": before.flops,
+        "flops_after": after.flops,
+        "flops_pruned_ratio": 1.0 - after.flops / before.flops if before.flops else 0.0,
+        "source_sha256": source_sha,
+    }
+    if accuracy is not None:
+        meta["accuracy"] = accuracy
+        meta["loss"] = loss
+    return meta
+
+
+def prune_checkpoint(
+    ckpt_path: str | os.PathLike[str],
+    rule: str,
+    value: float,
+    min_channels: int = 1,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    eval: bool = False,
+    export: str | os.PathLike[str] | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+    device: str = "cpu",
+    command: str | None = None,
+    export_options: Mapping[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> PruneResult:
+    """Prune the checkpoint at ``ckpt_path`` under ``rule`` and write the slim checkpoint.
+
+    ``rule`` is one of ``ratio``, ``threshold``, ``target_params``, ``target_flops`` (see
+    :mod:`slimcli.prune.rules`); ``min_channels`` keeps at least that many channels per
+    layer (0: a layer the rule empties is a :class:`PruneError` naming it). ``out`` defaults
+    to :func:`default_out`. ``eval`` measures test accuracy of the slim model on the
+    checkpoint's dataset (on ``device``, ``auto`` allowed); ``export`` writes a verified ONNX
+    file via :func:`slimcli.export.export_checkpoint` (``export_options`` are passed on).
+    ``command`` is recorded in the lineage (default: this process's command line); ``log``
+    receives progress lines.
+    """
+    from slimcli.checkpoint import build_model, lineage_entry, load_checkpoint, save_checkpoint
+    from slimcli.export import export_checkpoint, latest_accuracy
+    from slimcli.measure import measure
+
+    say = log or (lambda _msg: None)
+    value = check_rule(rule, value)
+    if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 0:
+        raise UsageError(f"--min-channels must be an integer >= 0, got {min_channels!r}")
+    source = Path(ckpt_path)
+    target = Path(out) if out is not None else default_out(source)
+    _check_out(source, target)
+    onnx_path = Path(export) if export is not None else None
+    if onnx_path is not None:
+        _check_export_destination(onnx_path)
+
+    ckpt = load_checkpoint(source)
+    model = build_model(ckpt)
+    shape = ckpt.input_shape
+    if eval and not ckpt.meta.get("dataset"):
+        raise DataError(f"{source} records no dataset, so --eval cannot know what to test on; drop --eval")
+
+    say(f"pruning {source} ({ckpt.arch}, stage {ckpt.stage or '?'}) with {rule} {value:g}")
+    plan = compute_keep(model, rule, value, min_channels, input_shape=shape)
+    slim, report = prune_model(model, plan, input_shape=shape)
+    slim.eval()
+    before, after = measure(model, shape), measure(slim, shape)
+
+    accuracy = loss = None
+    if eval:
+        from slimcli.evaluate import evaluate, normalization_of
+        from slimcli.train.device import resolve_device
+
+        dev = resolve_device(device)
+        say(f"evaluating the pruned model on {ckpt.meta['dataset']} (test split, {dev})")
+        loss, accuracy = evaluate(slim, str(ckpt.meta["dataset"]), data_dir, dev,
+                                  normalization=normalization_of(ckpt.meta))
+        slim.to("cpu")
+
+    meta = {k: v for k, v in ckpt.meta.items() if k not in ("format", "version")}
+    meta["widths"] = dict(report.widths)
+    meta["stage"] = "pruned"
+    meta["prune"] = _prune_meta(plan, report, before, after, accuracy, loss, ckpt.sha256)
+    metrics = dict(meta.get("metrics") or {})
+    metrics.pop("pruned", None)  # a re-pruned checkpoint's old number no longer applies
+    if accuracy is not None:
+        metrics["pruned"] = {"test_acc": accuracy, "test_loss": loss}
+    meta["metrics"] = metrics
+    meta["lineage"] = [*ckpt.lineage, lineage_entry("pruned", ckpt.sha256, command)]
+
+    # checkpoint → temporary file, ONNX → its place (atomic), then the checkpoint → its place
+    folder = target.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot create folder {folder}: {exc.strerror or exc}; choose another --out"
+        ) from None
+    tmp = folder / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{SUFFIX}"
+    report_onnx = None
+    try:
+        sha = save_checkpoint(tmp, slim, meta)
+        if onnx_path is not None:
+            say(f"exporting {onnx_path} …")
+            report_onnx = export_checkpoint(meta, onnx_path, model=slim, sha256=sha, data_dir=data_dir,
+                                            **dict(export_options or {}))
+        try:
+            os.replace(tmp, target)
+        except OSError as exc:
+            if onnx_path is not None:  # the pair goes together or not at all
+                with contextlib.suppress(OSError):
+                    os.unlink(onnx_path)
+            raise CheckpointError(
+                f"could not write {target}: {exc.strerror or exc}; nothing written"
+            ) from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+    return PruneResult(
+        source=source, source_sha256=ckpt.sha256, out=target, sha256=sha, plan=plan, report=report,
+        before=before, after=after, meta=meta, accuracy_before=latest_accuracy(ckpt.meta),
+        accuracy=accuracy, loss=loss, export=report_onnx, model=slim,
+    )
+
+
+__all__ = [
+    "RULE_VALUES",
+    "PruneResult",
+    "check_rule",
+    "default_out",
+    "newest_checkpoint",
+    "prune_checkpoint",
+]

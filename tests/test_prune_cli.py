@@ -1,0 +1,466 @@
+"""``slim prune``: the rules on real checkpoints, the slim checkpoint it writes, ONNX, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from slimcli.archs import create_arch
+from slimcli.checkpoint import build_model, file_sha256, lineage_entry, load_checkpoint, save_checkpoint
+from slimcli.cli import main
+from slimcli.errors import ExportError
+from slimcli.evaluate import evaluate
+from slimcli.measure import measure
+from slimcli.prune import checkpoint as pc
+from slimcli.prune import compute_keep, masked_dense, prunable_bns, prune_model
+from slimcli.registry import ARCHS
+
+ARCH = "vgg:depth=11,width=0.0625"  # BN widths 4, 8, 16, 16, 32, 32, 32, 32
+DATASET = "fashion-mini"
+SHAPE = (1, 28, 28)
+SYN = "synthetic:n=16,n_test=16,size=16,classes=3"  # for the pre-activation ResNet
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> object:
+    """Tiny models: a second OpenMP thread only adds barrier waits on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints to prune
+
+
+def _bns(model: nn.Module) -> dict[str, nn.BatchNorm2d]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
+def _model(arch: str = ARCH, shape: tuple[int, ...] = SHAPE, classes: int = 10, seed: int = 0) -> nn.Module:
+    """A model with distinct random |γ|, β and BN statistics (so every removed channel matters)."""
+    torch.manual_seed(seed)
+    model = create_arch(arch, classes, shape)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for bn in _bns(model).values():
+            n = bn.num_features
+            bn.weight.copy_(torch.rand(n, generator=g) * 0.9 + 0.05)
+            bn.bias.copy_(torch.randn(n, generator=g) * 0.1)
+            bn.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            bn.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+    return model.eval()
+
+
+def _meta(
+    arch: str = ARCH, dataset: str = DATASET, shape: tuple[int, ...] = SHAPE, classes: int = 10
+) -> dict:
+    return {
+        "arch": arch, "num_classes": classes, "input_shape": list(shape), "dataset": dataset,
+        "classes": [f"c{i}" for i in range(classes)], "normalization": {"mean": [0.3] * shape[0],
+                                                                         "std": [0.35] * shape[0]},
+        "stage": "sparsify", "metrics": {"sparsify": {"test_acc": 0.5, "test_loss": 1.0}},
+        "lineage": [lineage_entry("sparsify", None, "slim sparsify-train --arch vgg11")],
+    }
+
+
+def _ckpt(path: Path, model: nn.Module | None = None, **meta: object) -> tuple[Path, nn.Module]:
+    model = model if model is not None else _model()
+    save_checkpoint(path, model, {**_meta(), **meta})
+    return path, model
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    captured = capsys.readouterr()
+    code = info.value.code
+    return (0 if code is None else int(code)), captured.out, captured.err
+
+
+def _json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
+    code, stdout, stderr = _cli([*argv, "--json"], capsys)
+    assert code == 0, stderr
+    return json.loads(stdout)  # --json prints one document and nothing else
+
+
+def _paper_threshold(model: nn.Module, ratio: float) -> float:
+    prunable = [n for n, b in prunable_bns(model, SHAPE).items() if b.prunable]
+    flat = torch.sort(torch.cat([model.get_submodule(n).weight.detach().abs() for n in prunable])).values
+    return float(flat[math.floor(ratio * flat.numel())])
+
+
+def _same_outputs(a: nn.Module, b: nn.Module, shape: tuple[int, ...] = SHAPE) -> None:
+    x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(a.eval()(x), b.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# ----------------------------------------------------------------------------------------------
+# the rules
+
+
+def test_ratio_uses_the_paper_threshold_and_writes_a_loadable_slim_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt, dense = _ckpt(tmp_path / "best.safetensors")
+    sha_in = file_sha256(ckpt)
+    res = _json([ "prune", str(ckpt), "--ratio", "0.4"], capsys)
+
+    threshold = _paper_threshold(dense, 0.4)
+    assert res["prune"]["threshold"] == pytest.approx(threshold)
+    expected = {n: int((dense.get_submodule(n).weight.abs() > threshold).sum()) for n in res["widths"]}
+    assert res["widths"] == expected and min(expected.values()) >= 1
+    out = tmp_path / "best-pruned.safetensors"  # the default name, next to the input
+    assert res["out"] == str(out) and file_sha256(ckpt) == sha_in  # the input is untouched
+
+    loaded = load_checkpoint(out)
+    assert loaded.stage == "pruned" and loaded.widths == expected
+    assert loaded.meta["prune"]["rule"] == "ratio" and loaded.meta["prune"]["value"] == 0.4
+    assert loaded.meta["prune"]["kept"] == expected
+    assert loaded.meta["prune"]["params_after"] == measure(build_model(loaded), SHAPE).params
+    assert loaded.meta["prune"]["params_before"] == measure(dense, SHAPE).params
+    assert loaded.meta["prune"]["flops_after"] < loaded.meta["prune"]["flops_before"]
+    lineage = loaded.lineage
+    assert len(lineage) == 2 and lineage[-1]["stage"] == "pruned" and lineage[-1]["parent"] == sha_in
+    assert "prune" in lineage[-1]["command"]
+    assert res["sha256"] == loaded.sha256
+
+    # rebuilt from the dense architecture + widths: equals the dense model with the pruned
+    # channels zeroed, on the slim shapes
+    slim = build_model(loaded)
+    masks = {n: dense.get_submodule(n).weight.detach().abs() > threshold for n in expected}
+    _same_outputs(slim, masked_dense(dense, masks))
+    assert {n: slim.get_submodule(n).num_features for n in expected} == expected
+
+
+def test_threshold_zero_keeps_exactly_the_nonzero_gammas(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dense = _model()
+    zeros = {"features.1": [0, 2], "features.9": list(range(0, 16, 2)), "features.26": [5]}
+    with torch.no_grad():
+        for name, idx in zeros.items():
+            dense.get_submodule(name).weight[idx] = 0.0  # what a proximal run leaves: exact zeros
+    ckpt, _ = _ckpt(tmp_path / "prox.safetensors", dense)
+    res = _json(["prune", str(ckpt), "--threshold", "0"], capsys)
+    bns = _bns(dense)
+    widths = {n: int((bns[n].weight != 0).sum()) for n in res["widths"]}
+    assert res["widths"] == widths
+    assert sum(bns[n].num_features for n in widths) - sum(widths.values()) == sum(map(len, zeros.values()))
+    masks = {n: bns[n].weight.detach() != 0 for n in widths}
+    _same_outputs(build_model(load_checkpoint(res["out"])), masked_dense(dense, masks))
+
+
+@pytest.mark.parametrize(("option", "key"), [("--target-params", "params"), ("--target-flops", "flops")])
+def test_targets_reach_the_budget(
+    option: str, key: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt, dense = _ckpt(tmp_path / "a.safetensors")
+    res = _json(["prune", str(ckpt), option, "0.5"], capsys)
+    p = res["prune"]
+    assert p["rule"] == option[2:].replace("-", "_")
+    assert p[f"{key}_after"] <= 0.5 * p[f"{key}_before"]
+    assert p[f"{key}_after"] / p[f"{key}_before"] == pytest.approx(p["achieved"])
+    slim = build_model(load_checkpoint(res["out"]))
+    assert getattr(measure(slim, SHAPE), key) == p[f"{key}_after"]
+    # the largest model within budget: also keeping the channel at the threshold would exceed it
+    gammas = torch.cat([dense.get_submodule(n).weight.detach().abs() for n in res["widths"]])
+    lower = float(gammas[gammas < p["threshold"]].max())
+    bigger, _ = prune_model(dense, compute_keep(dense, "threshold", lower, 1, input_shape=SHAPE))
+    assert getattr(measure(bigger, SHAPE), key) > 0.5 * p[f"{key}_before"]
+
+
+def test_min_channels_keeps_a_layer_the_rule_empties_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dense = _model()
+    with torch.no_grad():
+        dense.features[26].weight.fill_(1e-4)  # the last BN (32 channels): every γ below the others
+    ckpt, _ = _ckpt(tmp_path / "a.safetensors", dense)
+
+    code, stdout, stderr = _cli(["prune", str(ckpt), "--ratio", "0.3"], capsys)
+    assert code == 0, stderr
+    assert "kept 1 of 32 channels of features.26 (min-channels; the rule alone kept 0)" in stdout
+    assert load_checkpoint(tmp_path / "a-pruned.safetensors").widths["features.26"] == 1
+
+    res = _json(["prune", str(ckpt), "--ratio", "0.3", "--min-channels", "3", "--out",
+                 str(tmp_path / "m3.safetensors")], capsys)
+    assert res["widths"]["features.26"] == 3
+    assert res["prune"]["min_channels_bit"] == {"features.26": [0, 3]}
+    # the 3 kept are the largest |γ| of that layer, so outputs equal the masked dense model
+    g = dense.features[26].weight.detach().abs()
+    threshold = res["prune"]["threshold"]
+    masks = {n: dense.get_submodule(n).weight.detach().abs() > threshold for n in res["widths"]}
+    masks["features.26"] = torch.zeros(32, dtype=torch.bool)
+    masks["features.26"][torch.argsort(g, descending=True, stable=True)[:3]] = True
+    _same_outputs(build_model(load_checkpoint(res["out"])), masked_dense(dense, masks))
+
+    before = _files(tmp_path)
+    code, stdout, stderr = _cli(["prune", str(ckpt), "--ratio", "0.3", "--min-channels", "0",
+                                 "--out", str(tmp_path / "m0.safetensors")], capsys)
+    assert code == 1 and stdout == ""
+    last = stderr.strip().splitlines()[-1]  # progress lines come before it on stderr
+    assert last.startswith("Error: ") and "features.26" in last and stderr.count("Error") == 1
+    assert _files(tmp_path) == before  # nothing written
+
+
+def test_newest_checkpoint_under_runs_is_the_default(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, _, stderr = _cli(["prune", "--ratio", "0.5"], capsys)
+    assert code == 2 and "./runs" in stderr  # nothing to prune yet: a usage error
+
+    old, _ = _ckpt(tmp_path / "runs" / "old" / "best.safetensors")
+    new, _ = _ckpt(tmp_path / "runs" / "b" / "new" / "last.safetensors", _model(seed=1))
+    state = tmp_path / "runs" / "b" / "new" / "last.state.safetensors"
+    state.write_bytes(b"not a checkpoint")  # training state: never picked
+    hidden = tmp_path / "runs" / "old" / ".x.tmp.safetensors"
+    hidden.write_bytes(b"half-written")  # a temporary file: never picked
+    os.utime(old, (1_000_000, 1_000_000))
+    os.utime(new, (2_000_000, 2_000_000))
+    os.utime(state, (3_000_000, 3_000_000))
+    os.utime(hidden, (3_000_000, 3_000_000))
+    code, stdout, stderr = _cli(["prune", "--ratio", "0.5"], capsys)
+    assert code == 0, stderr
+    assert str(Path("runs/b/new/last.safetensors")) in stderr  # the path is printed
+    written = tmp_path / "runs" / "b" / "new" / "last-pruned.safetensors"
+    assert written.is_file() and str(Path("runs/b/new/last-pruned.safetensors")) in stdout
+    assert load_checkpoint(written).lineage[-1]["parent"] == file_sha256(new)
+
+
+# ----------------------------------------------------------------------------------------------
+# --eval and --export
+
+
+def test_eval_records_the_accuracy_of_the_slim_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt, _ = _ckpt(tmp_path / "a.safetensors")
+    res = _json(["prune", str(ckpt), "--ratio", "0.5", "--eval", "--device", "cpu"], capsys)
+    loaded = load_checkpoint(res["out"])
+    loss, acc = evaluate(build_model(loaded), DATASET, normalization=([0.3], [0.35]))
+    assert res["accuracy"] == pytest.approx(acc) and res["loss"] == pytest.approx(loss)
+    assert loaded.meta["prune"]["accuracy"] == pytest.approx(acc)
+    assert loaded.metrics["pruned"]["test_acc"] == pytest.approx(acc)
+    assert loaded.metrics["sparsify"] == {"test_acc": 0.5, "test_loss": 1.0}  # the parent's number stays
+    assert res["accuracy_before"] == 0.5
+    code, stdout, _ = _cli(["prune", str(ckpt), "--ratio", "0.5", "--eval", "--device", "cpu", "--out",
+                            str(tmp_path / "b.safetensors")], capsys)
+    assert code == 0 and "right after pruning" in stdout and f"{acc:.2%}" in stdout
+
+
+def test_export_writes_the_slim_onnx_with_metadata(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt, _ = _ckpt(tmp_path / "a.safetensors")
+    onnx_path = tmp_path / "slim.onnx"
+    code, stdout, stderr = _cli(["prune", str(ckpt), "--ratio", "0.5", "--export", str(onnx_path)], capsys)
+    assert code == 0, stderr
+    assert "ONNX export" in stdout and "batch×1×28×28" in stdout
+    loaded = load_checkpoint(tmp_path / "a-pruned.safetensors")
+    slim = build_model(loaded)
+
+    x = torch.randn(5, *SHAPE, generator=torch.Generator().manual_seed(3))
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, slim(x).numpy(), atol=1e-5, rtol=1e-5)
+
+    proto = onnx.load(str(onnx_path))
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(props["slim.widths"]) == loaded.widths
+    assert props["slim.stage"] == "pruned" and props["slim.arch"] == ARCH
+    assert props["slim.source_sha256"] == loaded.sha256 == file_sha256(tmp_path / "a-pruned.safetensors")
+    assert json.loads(props["slim.prune"])["threshold"] == loaded.meta["prune"]["threshold"]
+    # slim shapes: the first conv's weight has as many filters as its BN kept (BN folded in or not)
+    w0 = loaded.widths["features.1"]
+    shapes = [tuple(i.dims) for i in proto.graph.initializer]
+    assert any(len(s) == 4 and s[0] == w0 and s[1] == 1 for s in shapes)
+    assert not any(len(s) == 4 and s[0] == 4 and s[1] == 1 for s in shapes) or w0 == 4
+    n_params = sum(int(np.prod(s)) for s in shapes)
+    assert n_params < measure(_model(), SHAPE).params  # smaller than the dense model
+
+
+def test_repruning_a_preactivation_resnet_composes_selections(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    arch, shape = "resnet164:depth=11", (3, 16, 16)
+    dense = _model(arch, shape, classes=3)
+    ckpt, _ = _ckpt(tmp_path / "r.safetensors", dense, **_meta(arch, SYN, shape, 3))
+    first = _json(["prune", str(ckpt), "--ratio", "0.3"], capsys)
+    second = _json(["prune", first["out"], "--ratio", "0.3", "--export", str(tmp_path / "r.onnx")], capsys)
+    assert sum(second["widths"].values()) < sum(first["widths"].values())
+    assert any(layer["needs_selection"] for layer in second["layers"])  # BNs reading the residual trunk
+    twice = load_checkpoint(second["out"])
+    assert [e["stage"] for e in twice.lineage] == ["sparsify", "pruned", "pruned"]
+    assert twice.lineage[-1]["parent"] == first["sha256"]
+    # both prunes together = the dense model with every channel dropped at either step zeroed
+    once = build_model(load_checkpoint(first["out"]))
+    slim = build_model(twice)
+    masks = {}
+    for name, bn in _bns(dense).items():
+        keep1 = bn.weight.detach().abs() > first["prune"]["threshold"]
+        if not keep1.any():
+            keep1[bn.weight.detach().abs().argmax()] = True
+        kept_gamma = once.get_submodule(name).weight.detach().abs() if name in first["widths"] else None
+        if kept_gamma is None:
+            continue
+        survivors = keep1.nonzero().flatten()
+        keep2 = kept_gamma > second["prune"]["threshold"]
+        if not keep2.any():
+            keep2[kept_gamma.argmax()] = True
+        mask = torch.zeros_like(keep1)
+        mask[survivors[keep2]] = True
+        masks[name] = mask
+    _same_outputs(slim, masked_dense(dense, masks), shape)
+    assert second["export"]["path"] == str(tmp_path / "r.onnx")
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input: clear errors, exit 1 (2 for usage), nothing written
+
+
+class NoBN(nn.Module):
+    """conv-ReLU-pool-linear: nothing to prune."""
+
+    def __init__(self, num_classes: int, input_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(input_shape[0], 4, 3, padding=1)
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+@pytest.fixture
+def nobn_arch() -> object:
+    ARCHS.names()  # the built-ins first, so they are not registered under our name later
+    ARCHS.register("nobn-test")(NoBN)
+    yield "nobn-test"
+    ARCHS.unregister("nobn-test")
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--ratio", "0.5", "--threshold", "0.1"], "exactly one"),
+        (["--target-params", "0.5", "--target-flops", "0.5"], "exactly one"),
+        ([], "exactly one"),
+        (["--ratio", "0"], "strictly between 0 and 1"),
+        (["--ratio", "1"], "strictly between 0 and 1"),
+        (["--ratio", "1.5"], "strictly between 0 and 1"),
+        (["--ratio", "-0.1"], "strictly between 0 and 1"),
+        (["--threshold", "-1"], ">= 0"),
+        (["--target-params", "0"], "(0, 1]"),
+        (["--target-flops", "1.2"], "(0, 1]"),
+        (["--ratio", "0.5", "--min-channels", "-1"], "min-channels"),
+        (["--ratio", "0.5", "--export", "model.pt"], ".onnx"),
+        (["--ratio", "0.5", "--out", "pruned.pt"], ".safetensors"),
+        (["--ratio", "0.5", "--device", "gpu"], "device"),
+    ],
+)
+def test_usage_errors_exit_2(
+    args: list[str], words: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt, _ = _ckpt(tmp_path / "a.safetensors")
+    code, stdout, stderr = _cli(["prune", str(ckpt), *args], capsys)
+    assert code == 2 and stdout == "" and words in stderr and "Traceback" not in stderr
+    assert _files(tmp_path) == ["a.safetensors"]
+
+
+def test_out_equal_to_the_input_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt, _ = _ckpt(tmp_path / "a.safetensors")
+    sha = file_sha256(ckpt)
+    for out in (ckpt, tmp_path / "." / "a.safetensors"):
+        code, _, stderr = _cli(["prune", str(ckpt), "--ratio", "0.5", "--out", str(out)], capsys)
+        assert code == 2 and "never overwrites its input" in stderr
+    assert file_sha256(ckpt) == sha and _files(tmp_path) == ["a.safetensors"]
+
+
+def _runtime_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    code, stdout, stderr = _cli(argv, capsys)
+    assert code == 1 and stdout == "", stderr
+    last = stderr.strip().splitlines()[-1]  # progress lines may come before it on stderr
+    assert last.startswith("Error: ") and stderr.count("Error") == 1 and "Traceback" not in stderr
+    return last
+
+
+def test_checkpoint_without_batchnorm(
+    nobn_arch: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    torch.manual_seed(0)
+    ckpt, _ = _ckpt(tmp_path / "n.safetensors", NoBN(10, SHAPE), arch=nobn_arch)
+    assert "nothing to prune" in _runtime_error(["prune", str(ckpt), "--ratio", "0.5"], capsys)
+    assert _files(tmp_path) == ["n.safetensors"]
+
+
+def test_corrupt_and_missing_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt, _ = _ckpt(tmp_path / "a.safetensors")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(ckpt.read_bytes()[:-50])
+    assert "truncated" in _runtime_error(["prune", str(corrupt), "--ratio", "0.5"], capsys)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    assert "not a safetensors file" in _runtime_error(["prune", str(garbage), "--ratio", "0.5"], capsys)
+    missing = str(tmp_path / "nope.safetensors")
+    assert "not found" in _runtime_error(["prune", missing, "--ratio", "0.5"], capsys)
+    assert _files(tmp_path) == ["a.safetensors", "corrupt.safetensors", "garbage.safetensors"]
+
+
+def test_unwritable_onnx_destination_fails_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt, _ = _ckpt(tmp_path / "a.safetensors")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    bad = [(tmp_path / "missing" / "m.onnx", "does not exist"), (afile / "m.onnx", "not a folder")]
+    if sys.platform.startswith("linux") and Path("/proc").is_dir():
+        bad.append((Path("/proc/slim-test.onnx"), "cannot write"))  # unwritable even for root
+    for path, words in bad:
+        assert words in _runtime_error(["prune", str(ckpt), "--ratio", "0.5", "--export", str(path)], capsys)
+    assert _files(tmp_path) == ["a.safetensors", "afile"]
+
+
+def test_a_failing_export_leaves_no_pruned_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ckpt, _ = _ckpt(tmp_path / "a.safetensors")
+    seen = {}
+
+    def broken(meta: dict, path: Path, **kw: object) -> None:
+        seen["files"] = _files(tmp_path)  # the checkpoint exists only as a temporary file here
+        raise ExportError("parity check failed")
+
+    monkeypatch.setattr("slimcli.export.export_checkpoint", broken)
+    with pytest.raises(ExportError):
+        pc.prune_checkpoint(ckpt, "ratio", 0.5, export=tmp_path / "m.onnx")
+    assert any(n.startswith(".a-pruned.safetensors.") for n in seen["files"])
+    assert _files(tmp_path) == ["a.safetensors"]
+
+
+def test_library_checks_rules_before_loading(tmp_path: Path) -> None:
+    from slimcli.errors import UsageError
+
+    missing = tmp_path / "missing.safetensors"  # never read: the rule is checked first
+    for rule, value in [("ratio", 0.0), ("ratio", 1.0), ("threshold", float("nan")), ("target_flops", 0),
+                        ("median", 0.5)]:
+        with pytest.raises(UsageError):
+            pc.prune_checkpoint(missing, rule, value)
+    assert pc.default_out(Path("runs/x/best.safetensors")) == Path("runs/x/best-pruned.safetensors")
