@@ -487,7 +487,8 @@ def test_cli_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         ["export", str(ckpt), str(out), "--latency-runs", "3", "--opset", "17"], capsys
     )
     assert code == 0, stderr
-    for word in ("model.onnx", "opset", "17", "batch×3×8×8", "params", "max diff", "latency", "real ×16"):
+    words = ("model.onnx", "opset", "17", "batch×3×8×8", "params", "max diff", "latency", "16 test images")
+    for word in words:
         assert word in stdout
     assert f"{sum(p.numel() for p in slim_model.parameters()):,}" in stdout
     x = torch.randn(5, *SHAPE)
@@ -522,3 +523,14 @@ def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         "corrupt.safetensors",
         "pruned.safetensors",
     ]
+
+
+def test_cli_no_real_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = tmp_path / "pruned.safetensors"
+    _pruned_checkpoint(ckpt)
+    code, stdout, stderr = _cli(
+        ["export", str(ckpt), str(tmp_path / "m.onnx"), "--no-real-data", "--latency-runs", "0"], capsys
+    )
+    assert code == 0, stderr
+    assert "real-data check skipped" in stderr
+    assert "random inputs (batch 1, 3)" in stdout and "test images" not in stdout and "latency" not in stdout
