@@ -1,0 +1,244 @@
+"""Keep rules: the paper's global threshold, min_channels, targets found by search, what-if."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from _prune_toys import TOYS, randomize
+from torch import nn
+
+from slimcli.errors import PruneError, UsageError
+from slimcli.measure import count_params, measure
+from slimcli.prune import (
+    apply_widths,
+    compute_keep,
+    gamma_scores,
+    max_safe_ratio,
+    prunable_bns,
+    prune_model,
+    ratio_grid,
+    what_if,
+)
+
+
+def model_and_shape(name: str = "preact", seed: int = 0) -> tuple[nn.Module, tuple[int, ...]]:
+    ctor, shape = TOYS[name]
+    return randomize(ctor(), seed).eval(), shape
+
+
+def all_scores(model: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.cat(list(gamma_scores(model, prunable_bns(model, shape)).values()))
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.1, 0.3, 0.5, 0.55, 0.7, 0.95])
+def test_ratio_threshold_is_the_papers_percentile(ratio: float) -> None:
+    model, shape = model_and_shape()
+    plan = compute_keep(model, "ratio", ratio, input_shape=shape)
+    flat = all_scores(model, shape)
+    ordered = sorted(flat.tolist())
+    assert plan.threshold == ordered[round(ratio * 100) * len(ordered) // 100]
+    for name, mask in plan.masks.items():
+        g = model.get_submodule(name).weight.detach().abs()
+        expected = g > plan.threshold
+        if name in plan.min_channels_bit:
+            assert int(expected.sum()) == plan.min_channels_bit[name][0] == 0 and int(mask.sum()) == 1
+            assert mask[g.argmax()]
+        else:
+            assert torch.equal(mask, expected)
+
+
+def test_ratio_uses_the_exact_decimal() -> None:
+    # 0.29 * 100 is 28.999999999999996 in floating point; the paper's ⌊p·total⌋ is 29, so the
+    # threshold is the 30th smallest |γ| and (keeping |γ| > threshold) 30 channels go
+    model = nn.Sequential(nn.Conv2d(1, 100, 1, bias=False), nn.BatchNorm2d(100), nn.ReLU(),
+                          nn.Conv2d(100, 2, 1))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randperm(100).double() + 1)
+    plan = compute_keep(model, "ratio", 0.29, input_shape=(1, 2, 2))
+    assert plan.threshold == 30.0 and plan.kept_channels == 70
+
+
+def test_ratio_zero_keeps_everything_and_ties_are_pruned() -> None:
+    model, shape = model_and_shape("vgg_global")
+    assert compute_keep(model, "ratio", 0.0, input_shape=shape).ratio == 0
+    with torch.no_grad():
+        for name in ("features.1", "features.5", "features.9"):
+            model.get_submodule(name).weight.fill_(0.5)
+        model.get_submodule("features.1").weight[0] = 0.9
+    # everything ties at 0.5 = the threshold: only the one strictly larger channel survives
+    with pytest.raises(PruneError, match=r"features\.5, features\.9"):
+        compute_keep(model, "ratio", 0.1, input_shape=shape, min_channels=0)
+    plan = compute_keep(model, "ratio", 0.1, input_shape=shape)
+    assert plan.threshold == 0.5 and plan.emptied == ["features.5", "features.9"]
+    assert plan.widths == {"features.1": 1, "features.5": 1, "features.9": 1}
+    assert plan.masks["features.1"][0]
+
+
+def test_negative_gammas_use_magnitudes() -> None:
+    model, shape = model_and_shape("vgg_global")
+    with torch.no_grad():
+        model.features[1].weight.neg_()
+    plan = compute_keep(model, "ratio", 0.5, input_shape=shape)
+    flipped = randomize(TOYS["vgg_global"][0]()).eval()
+    assert plan.widths == compute_keep(flipped, "ratio", 0.5, input_shape=shape).widths
+
+
+def test_threshold_zero_keeps_the_nonzeros_of_a_proximal_run() -> None:
+    model, shape = model_and_shape("dense")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight[torch.rand(m.num_features, generator=g) < 0.4] = 0.0
+                m.weight[0] = 0.1  # every layer keeps something
+    plan = compute_keep(model, "threshold", 0.0, input_shape=shape, min_channels=0)
+    for name, mask in plan.masks.items():
+        assert torch.equal(mask, model.get_submodule(name).weight.detach() != 0)
+    plan = compute_keep(model, "threshold", 0.25, input_shape=shape)
+    for name, mask in plan.masks.items():
+        w = model.get_submodule(name).weight.detach().abs()
+        assert torch.equal(mask, w > 0.25) or name in plan.min_channels_bit
+
+
+def emptying_model() -> tuple[nn.Module, tuple[int, ...]]:
+    """A VGG chain whose middle layer has only tiny |γ|: any real ratio empties it."""
+    model, shape = model_and_shape("vgg_global")
+    with torch.no_grad():
+        model.features[5].weight.copy_(torch.linspace(1e-4, 2e-4, 12))
+        model.features[5].weight[7] = 3e-4
+        model.features[5].weight[2] = 2.5e-4
+    return model, shape
+
+
+def test_min_channels_keeps_the_strongest_channels_and_reports_it() -> None:
+    model, shape = emptying_model()
+    for n in (1, 2, 3):
+        plan = compute_keep(model, "ratio", 0.5, n, input_shape=shape)
+        assert plan.emptied == ["features.5"]
+        assert plan.min_channels_bit["features.5"] == (0, n)
+        kept = plan.masks["features.5"].nonzero().flatten().tolist()
+        assert kept == sorted([7, 2, 11][:n])  # the n largest |γ|
+    with pytest.raises(PruneError, match=r"features\.5"):
+        compute_keep(model, "ratio", 0.5, 0, input_shape=shape)
+    _slim, report = prune_model(model, compute_keep(model, "ratio", 0.5, input_shape=shape))
+    assert report.widths["features.5"] == 1
+    assert report.min_channels_bit == {"features.5": (0, 1)}
+    assert report.as_dict()["min_channels_bit"] == {"features.5": [0, 1]}
+
+
+def test_min_channels_larger_than_a_layer_keeps_the_whole_layer() -> None:
+    model, shape = model_and_shape("input_bn")  # bn0 has 3 channels
+    plan = compute_keep(model, "ratio", 0.9, 5, input_shape=shape)
+    assert plan.widths == {"bn0": 3, "bn": 5}
+
+
+def brute_force_target(model: nn.Module, shape: tuple[int, ...], metric, fraction: float,
+                       min_channels: int) -> dict[str, int] | None:
+    """Try every distinct threshold; the largest model within budget (ties: lowest threshold)."""
+    scores = gamma_scores(model, prunable_bns(model, shape))
+    dense = metric(model)
+    best = None
+    for t in [-math.inf, *sorted(set(torch.cat(list(scores.values())).tolist()))]:
+        widths = {}
+        for name, s in scores.items():
+            k = int((s > t).sum())
+            if k == 0 and min_channels == 0:
+                return best
+            widths[name] = max(k, min(min_channels, s.numel()))
+        value = metric(apply_widths(model, widths, input_shape=shape))
+        if value <= fraction * dense:
+            return widths
+    return best
+
+
+@pytest.mark.parametrize(("name", "fraction"), [("vgg_global", 0.5), ("preact", 0.7), ("dense", 0.3)])
+def test_target_params_matches_brute_force(name: str, fraction: float) -> None:
+    model, shape = model_and_shape(name)
+    plan = compute_keep(model, "target_params", fraction, input_shape=shape)
+    expected = brute_force_target(model, shape, count_params, fraction, 1)
+    assert plan.widths == expected
+    _slim, report = prune_model(model, plan)
+    assert report.params_after <= fraction * report.params_before
+    assert plan.achieved == pytest.approx(report.params_after / report.params_before)
+
+
+def test_target_flops_matches_brute_force_and_uses_the_measure_given() -> None:
+    model, shape = model_and_shape("vgg_global")
+    calls = []
+
+    def spy(m: nn.Module, s):
+        calls.append(1)
+        return measure(m, s)
+
+    plan = compute_keep(model, "target_flops", 0.4, input_shape=shape, measure=spy)
+    assert calls
+    expected = brute_force_target(model, shape, lambda m: measure(m, shape).flops, 0.4, 1)
+    assert plan.widths == expected and plan.achieved <= 0.4
+    assert len(calls) < 2 + 2 * math.ceil(math.log2(30))  # bisection, not a sweep
+
+
+def test_target_with_min_channels_zero_never_empties_a_layer() -> None:
+    model, shape = emptying_model()
+    plan = compute_keep(model, "target_params", 0.9, 0, input_shape=shape)
+    assert all(int(m.sum()) > 0 for m in plan.masks.values())
+    assert plan.widths == brute_force_target(model, shape, count_params, 0.9, 0)
+    with pytest.raises(PruneError, match="cannot keep only"):
+        compute_keep(model, "target_params", 0.05, 0, input_shape=shape)
+    assert compute_keep(model, "target_params", 1.0, input_shape=shape).ratio == 0
+
+
+def test_what_if_rows_match_real_pruning() -> None:
+    model, shape = emptying_model()
+    rows = what_if(model, shape)
+    assert [r.ratio for r in rows] == ratio_grid() and len(rows) == 19
+    dense = count_params(model)
+    for row in rows[::6]:
+        plan = compute_keep(model, "ratio", row.ratio, input_shape=shape)
+        slim, report = prune_model(model, plan)
+        assert row.threshold == plan.threshold and row.channels_kept == plan.kept_channels
+        assert row.params == report.params_after and row.params_kept == pytest.approx(row.params / dense)
+        assert row.flops == measure(slim, shape).flops
+        assert list(row.emptied) == plan.emptied
+    for a, b in itertools.pairwise(rows):
+        assert a.channels_kept >= b.channels_kept and a.params >= b.params
+    assert rows[-1].emptied and rows[-1].as_dict()["emptied"] == list(rows[-1].emptied)
+    strict = what_if(model, shape, [0.05, 0.9], min_channels=0)
+    assert strict[1].params is None and strict[1].emptied
+
+
+def test_max_safe_ratio_is_the_last_grid_ratio_that_empties_nothing() -> None:
+    models = [model_and_shape(name) for name in ("vgg_global", "preact", "dense")] + [emptying_model()]
+    found = []
+    for model, shape in models:
+        safe = []
+        for r in ratio_grid():
+            try:
+                compute_keep(model, "ratio", r, 0, input_shape=shape)
+                safe.append(r)
+            except PruneError:
+                break
+        found.append(max_safe_ratio(model, shape))
+        assert found[-1] == (safe[-1] if safe else 0.0)
+    # 12 of the 30 channels are tiny and in one layer: ratio 0.4 (index 12) empties it
+    assert found[-1] == 0.35
+
+
+def test_bad_requests_are_usage_errors() -> None:
+    model, shape = model_and_shape("vgg_global")
+    for rule, value in (("ratio", 1.0), ("ratio", -0.1), ("threshold", -1.0), ("threshold", math.nan),
+                        ("target_params", 0.0), ("target_flops", 1.5), ("percent", 0.5)):
+        with pytest.raises(UsageError):
+            compute_keep(model, rule, value, input_shape=shape)
+    with pytest.raises(UsageError, match="min_channels"):
+        compute_keep(model, "ratio", 0.5, -1, input_shape=shape)
+
+
+def test_model_without_prunable_bns_is_a_prune_error() -> None:
+    model, shape = model_and_shape("awkward")
+    only_bad = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    with pytest.raises(PruneError, match="model output"):
+        compute_keep(only_bad, "ratio", 0.5, input_shape=(3, 2, 2))
+    assert set(compute_keep(model, "ratio", 0.5, input_shape=shape).masks) == {"bn_dw"}
