@@ -248,8 +248,14 @@ def breakpoints(pen: Penalty, t: float) -> list[float]:
     if pen.name == "mcp":
         return [t, a * th, math.sqrt(a * th * t)]
     if pen.name == "scad":
-        return [t, th, a * th, th + t, th + math.sqrt(t * (a - 1) * th)]
+        return [t, th, a * th, th + t, scad_switch(pen, t)]
     raise AssertionError(pen.name)
+
+
+def scad_switch(pen: Penalty, t: float) -> float:
+    """|y| where the SCAD prox jumps in the nonconvex case t ≥ (a−1)θ (docs/penalties.md)."""
+    th, a = pen.theta_value, pen.a
+    return (t + (a + 1) * th) / 2 if t < (a + 1) * th else math.sqrt((a + 1) * th * t)
 
 
 def probe_y(pen: Penalty, t: float) -> Tensor:
@@ -263,9 +269,10 @@ def brute_prox_1d(pen: Penalty, y: Tensor, t: float) -> tuple[Tensor, Tensor, Te
     """(x on the grid, its objective, is the minimiser unique) by grid search on [0, y].
 
     Every built-in R is even and nondecreasing in |x|, so the minimiser lies between 0 and y.
-    A coarse grid and two local refinements give the minimum; a sublevel set of the coarse
-    grid wider than a few steps means several (near-)minimisers, where only the objective
-    can be compared.
+    A coarse grid and two local refinements give the minimum. R is concave on x > 0 with its
+    only kink at 0 (a grid point), so a minimiser is 0 or has f' = 0 and f'' ≤ 1: its grid
+    neighbours are within h² of the minimum. A wider sublevel set means several
+    (near-)minimisers, where only the objective can be compared.
     """
 
     def objective(s: Tensor) -> Tensor:
@@ -288,7 +295,7 @@ def brute_prox_1d(pen: Penalty, y: Tensor, t: float) -> tuple[Tensor, Tensor, Te
         fmin = torch.minimum(fmin, f2min)
         h = 4 * h / 400
     step = y.abs() / (n - 1)
-    delta = 8 * step * (y.abs() + t + 1)  # how much f can vary between neighbouring coarse points
+    delta = step.square() + 1e-12 * (1 + y.square())
     near = f <= fmin[:, None] + delta[:, None]
     x = y[:, None] * s
     spread = torch.where(near, x, math.inf).min(1).values, torch.where(near, x, -math.inf).max(1).values
@@ -335,7 +342,7 @@ def test_prox_matches_brute_force(spec: str, lam: float) -> None:
         xb, fb, unique = brute_prox_1d(pen, y, t)
         bad = f > fb + 1e-10 * (1 + y.square())
         assert not bad.any(), f"{spec} step={t}: objective above brute force at y={y[bad].tolist()}"
-        far = unique & ((x - xb).abs() > 1e-3 * (1 + y.abs()))
+        far = unique & ((x - xb).abs() > 1e-6 * (1 + y.abs()))
         assert not far.any(), f"{spec} step={t}: x differs at y={y[far].tolist()}: {x[far]} vs {xb[far]}"
         assert (x * y >= 0).all() and (x.abs() <= y.abs()).all()  # shrinkage with sign kept
 
@@ -351,9 +358,7 @@ def test_prox_threshold_is_sharp(spec: str, lam: float) -> None:
             tau = t if t < b else math.sqrt(b * t)
         elif pen.name == "scad":
             th, a = pen.theta_value, pen.a
-            if t >= (a - 1) * th:
-                continue  # the switch point of the nonconvex case has no simple formula
-            tau = t
+            tau = t if t < (a + 1) * th else scad_switch(pen, t)
         else:
             tau = tau[0]
         inside = torch.tensor([0.0, 1e-12, tau * 0.5, tau * (1 - 1e-6)], dtype=F64)
@@ -371,6 +376,20 @@ def test_prox_nonconvex_cases_are_hard_thresholding() -> None:
     y = torch.tensor([5.0, -4.0], dtype=F64)  # far out: identity in every regime
     for t in (0.1, 1.0, 3.0):
         torch.testing.assert_close(scad.prox(y, t), y)
+
+
+@pytest.mark.parametrize(("theta", "a"), [(0.2, 3.7), (0.5, 2.5), (0.05, 3.0)])
+def test_scad_prox_nonconvex_case_formula(theta: float, a: float) -> None:
+    """t ≥ (a−1)θ: soft thresholding capped at θ below the switch y*, the identity above it."""
+    pen = create_penalty(f"scad:a={a},theta={theta}")
+    for t in ((a - 1) * theta * 1.01, a * theta, (a + 1) * theta * 0.99, (a + 1) * theta * 1.5, 5.0):
+        ys = scad_switch(pen, t)
+        y = torch.cat([torch.linspace(-4, 4, 801, dtype=F64),
+                       torch.tensor([ys * (1 - 1e-6), ys * (1 + 1e-6)], dtype=F64)])
+        y = y[(y.abs() - ys).abs() > 1e-9]
+        soft = torch.sign(y) * torch.clamp(y.abs() - t, 0, theta)
+        want = torch.where(y.abs() < ys, soft, y)
+        torch.testing.assert_close(pen.prox(y, t), want, rtol=1e-12, atol=1e-12)
 
 
 def test_scad_prox_convex_case_is_fan_li() -> None:
