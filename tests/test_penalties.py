@@ -597,7 +597,7 @@ def test_valid_specs_and_defaults() -> None:
     assert (mcp.a, mcp.theta) == (3.0, None)
     assert create_penalty("scad").a == 3.7
     assert create_penalty("l1-l2").alpha == 1.0
-    assert create_penalty("mcp:a=2,theta=0.01").spec == "mcp:a=2.0,theta=0.01"
+    assert PENALTIES.parse(create_penalty("mcp:a=2,theta=0.01").spec).options == {"a": 2.0, "theta": 0.01}
     assert create_penalty("lp:p=0.5").spec == "lp"
 
 
