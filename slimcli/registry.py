@@ -4,9 +4,9 @@ A plugin is a class decorated with ``@register_penalty("name")`` (or ``register_
 ``register_dataset``) that declares typed :class:`Option` s. Built-in plugins are the
 modules of ``slimcli.penalties``, ``slimcli.archs`` and ``slimcli.data``; third-party ones
 come from the entry-point groups ``slim.penalties``, ``slim.archs``, ``slim.datasets``
-(value: a module to import) and from files listed in ``SLIM_PLUGINS`` (``:``-separated).
-All three paths go through the same decorator, so a built-in is registered exactly like
-a plugin someone else wrote.
+(value: a module to import) and from files listed in ``SLIM_PLUGINS`` (separated by
+``os.pathsep``: ``:`` on POSIX, ``;`` on Windows). All three paths go through the same
+decorator, so a built-in is registered exactly like a plugin someone else wrote.
 
 Spec strings name a plugin with options: ``NAME[:key=value[,key=value…]]``.
 """
@@ -83,7 +83,9 @@ class Option:
             allowed = ", ".join(str(c) for c in self.choices)
             raise UsageError(f"{plugin}: option '{self.name}' must be one of {allowed}; got {value!r}")
         if self.check is not None and not self.check(value):
-            raise UsageError(f"{plugin}: option '{self.name}' must satisfy {self.rule or 'its check'}; got {value!r}")
+            raise UsageError(
+                f"{plugin}: option '{self.name}' must satisfy {self.rule or 'its check'}; got {value!r}"
+            )
         return value
 
     def describe_type(self) -> str:
@@ -163,7 +165,9 @@ class Registry:
         self.package = package  # package whose modules are the built-ins
         self._plugins: dict[str, PluginInfo] = {}
         self._aliases: dict[str, tuple[str, dict[str, Any]]] = {}
-        self._loading: str = "builtin"
+        # What is being imported right now (names the source in listings and errors); None
+        # outside load_plugins, where the class's module names it.
+        self._loading: str | None = None
 
     @property
     def plural(self) -> str:
@@ -176,14 +180,15 @@ class Registry:
         """Class decorator registering a plugin under ``name`` (and preset ``aliases``)."""
 
         def decorate(cls: type) -> type:
+            source = self._loading or self._source_of(cls)
             for key in [name, *(aliases or {})]:
                 if key in self._plugins or key in self._aliases:
                     raise PluginError(
                         f"{self.kind} '{key}' is registered twice "
-                        f"(by {self._owner(key)} and {self._loading}); rename one of them"
+                        f"(by {self._owner(key)} and {source}); rename one of them"
                     )
             cls.name = name
-            self._plugins[name] = PluginInfo(name, cls, self.kind, self._loading, dict(aliases or {}))
+            self._plugins[name] = PluginInfo(name, cls, self.kind, source, dict(aliases or {}))
             for alias, preset in (aliases or {}).items():
                 self._aliases[alias] = (name, dict(preset))
             return cls
@@ -196,6 +201,12 @@ class Registry:
         if info:
             for alias in info.aliases:
                 self._aliases.pop(alias, None)
+
+    def _source_of(self, cls: type) -> str:
+        module = cls.__module__
+        if module == self.package or module.startswith(self.package + "."):
+            return f"built-in {module}"
+        return f"module {module}"
 
     def _owner(self, key: str) -> str:
         if key in self._plugins:
@@ -240,6 +251,7 @@ class Registry:
         name = name.strip()
         info = self.get(name)
         raw: dict[str, Any] = dict(self._aliases[name][1]) if name in self._aliases else {}
+        given: set[str] = set()  # keys from the string itself (they may override an alias preset)
         if rest.strip():
             for item in rest.split(","):
                 key, eq, value = item.partition("=")
@@ -249,8 +261,9 @@ class Registry:
                         f"{info.name}: cannot read option {item.strip()!r}; expected key=value "
                         f"(spec syntax NAME[:key=value,…])"
                     )
-                if key in raw and name not in self._aliases:
+                if key in given:
                     raise UsageError(f"{info.name}: option '{key}' is given twice")
+                given.add(key)
                 raw[key] = value.strip()
         raw.update(overrides)
         return Spec(info.name, self._validate(info, raw), info)
@@ -262,7 +275,9 @@ class Registry:
             if key not in opts:
                 close = difflib.get_close_matches(key, list(opts), n=3, cutoff=0.5)
                 hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-                valid = ", ".join(f"{o.name} ({o.describe_type()}, default {o.default})" for o in opts.values())
+                valid = ", ".join(
+                    f"{o.name} ({o.describe_type()}, default {o.default})" for o in opts.values()
+                )
                 raise UsageError(
                     f"{info.name}: unknown option '{key}'.{hint} "
                     + (f"Valid options: {valid}" if valid else f"'{info.name}' takes no options")
@@ -299,8 +314,9 @@ FAILED: list[tuple[str, str]] = []  # (plugin source, error) of plugins that did
 
 def _warn_broken(source: str, exc: BaseException) -> None:
     FAILED.append((source, f"{type(exc).__name__}: {exc}"))
-    warnings.warn(f"slim: plugin {source} failed to load and is skipped ({type(exc).__name__}: {exc})",
-                  stacklevel=3)
+    warnings.warn(
+        f"slim: plugin {source} failed to load and is skipped ({type(exc).__name__}: {exc})", stacklevel=3
+    )
 
 
 def _import_builtins(registry: Registry) -> None:
@@ -327,21 +343,24 @@ def load_plugins() -> None:
     if not autoload_disabled():
         for registry in REGISTRIES.values():
             for ep in entry_points(group=registry.group):
-                registry._loading = f"'{ep.name}' (entry point {ep.value}, {registry.group})"
+                source = f"'{ep.name}' (entry point {ep.value}, {registry.group})"
+                for other in REGISTRIES.values():  # one plugin module may register several kinds
+                    other._loading = source
                 try:
                     importlib.import_module(ep.value)
                 except Exception as exc:  # a broken plugin must not break slim
-                    _warn_broken(registry._loading, exc)
-    for path in filter(None, os.environ.get("SLIM_PLUGINS", "").split(":")):
+                    _warn_broken(source, exc)
+    for path in filter(None, os.environ.get("SLIM_PLUGINS", "").split(os.pathsep)):
         load_plugin_file(path)
     for registry in REGISTRIES.values():
-        registry._loading = "runtime registration"
+        registry._loading = None
 
 
 def load_plugin_file(path: str | os.PathLike[str]) -> None:
     """Import one local plugin file (as ``SLIM_PLUGINS`` does); failures are warnings."""
     p = Path(path).expanduser()
     source = f"file {p}"
+    previous = {name: registry._loading for name, registry in REGISTRIES.items()}
     for registry in REGISTRIES.values():
         registry._loading = source
     try:
@@ -356,3 +375,6 @@ def load_plugin_file(path: str | os.PathLike[str]) -> None:
         spec.loader.exec_module(module)
     except Exception as exc:
         _warn_broken(source, exc)
+    finally:
+        for name, registry in REGISTRIES.items():
+            registry._loading = previous[name]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
 import json
-from enum import Enum
 
 import typer
 from rich.table import Table
@@ -12,11 +12,20 @@ from slimcli.cli._common import out
 from slimcli.cli.app import app
 from slimcli.registry import FAILED, REGISTRIES, load_plugins
 
+_SINGULAR = {"penalty": "penalties", "arch": "archs", "dataset": "datasets"}
 
-class Kind(str, Enum):
-    penalties = "penalties"
-    archs = "archs"
-    datasets = "datasets"
+
+def _kind(value: str | None) -> str | None:
+    """Accept ``penalties``/``penalty``, ``archs``/``arch``, ``datasets``/``dataset``."""
+    if value is None:
+        return None
+    low = value.strip().lower()
+    low = _SINGULAR.get(low, low)
+    if low in REGISTRIES:
+        return low
+    close = difflib.get_close_matches(low, [*REGISTRIES, *_SINGULAR], n=1, cutoff=0.5)
+    hint = f" Did you mean '{_SINGULAR.get(close[0], close[0])}'?" if close else ""
+    raise typer.BadParameter(f"unknown kind '{value}'.{hint} Choose penalties, archs or datasets")
 
 
 def _option_text(o: dict) -> str:
@@ -27,15 +36,17 @@ def _option_text(o: dict) -> str:
 
 @app.command("list")
 def list_plugins(
-    kind: Kind | None = typer.Argument(None, help="Only this kind of plugin."),
+    kind: str | None = typer.Argument(
+        None, callback=_kind, metavar="KIND", help="Only this kind: penalties, archs or datasets."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """List plugins (penalties, archs, datasets) with their options and defaults."""
     load_plugins()
-    kinds = [kind.value] if kind else list(REGISTRIES)
+    kinds = [kind] if kind else list(REGISTRIES)
     data = {k: [info.as_dict() for info in REGISTRIES[k]] for k in kinds}
     if as_json:
-        typer.echo(json.dumps(data if kind is None else data[kind.value], indent=2, ensure_ascii=False))
+        typer.echo(json.dumps(data if kind is None else data[kind], indent=2, ensure_ascii=False))
         return
     for k in kinds:
         table = Table(title=k, title_justify="left", show_lines=False)

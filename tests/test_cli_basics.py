@@ -1,0 +1,162 @@
+"""The command-line contract: version, slim list, pure JSON on stdout, exit codes 0/1/2, SLIM_DEBUG."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import slimcli
+from slimcli.cli import main
+from slimcli.errors import CheckpointError, SlimError, UsageError
+from slimcli.registry import REGISTRIES
+
+
+def run(*args: str, slim_debug: str | None = None, script: bool = False) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env.pop("SLIM_DEBUG", None)
+    if slim_debug is not None:
+        env["SLIM_DEBUG"] = slim_debug
+    exe = [str(Path(sys.executable).with_name("slim"))] if script else [sys.executable, "-m", "slimcli"]
+    return subprocess.run([*exe, *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+# ------------------------------------------------------------ subprocess: the real entry points
+def test_version_via_module() -> None:
+    res = run("--version")
+    assert res.returncode == 0 and res.stdout == f"slim {slimcli.__version__}\n" and res.stderr == ""
+
+
+def test_console_script_list_json_is_pure_json_on_stdout() -> None:
+    script = Path(sys.executable).with_name("slim")
+    assert script.exists(), "the package must be installed (pip install -e .) so the slim script exists"
+    res = run("list", "penalties", "--json", script=True)
+    assert res.returncode == 0 and res.stderr == ""
+    data = json.loads(res.stdout)  # the whole of stdout, nothing before or after
+    assert [p["name"] for p in data] == REGISTRIES["penalties"].names()
+    assert {"name", "description", "options", "aliases", "source"} <= set(data[0])
+
+
+def test_unknown_kind_exits_2() -> None:
+    res = run("list", "nonsense")
+    assert res.returncode == 2 and res.stdout == ""
+    assert "Error" in res.stderr and "penalties, archs or datasets" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_runtime_error_is_one_line_exit_1_and_debug_shows_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "garbage.safetensors"
+    bad.write_bytes(b"this is not a checkpoint at all")
+    res = run("export", str(bad), str(tmp_path / "m.onnx"))
+    assert res.returncode == 1
+    assert res.stderr.splitlines() == [
+        f"Error: {bad} is not a safetensors file; pass a checkpoint written by slim"
+    ]
+    assert not (tmp_path / "m.onnx").exists()
+
+    dbg = run("export", str(bad), str(tmp_path / "m.onnx"), slim_debug="1")
+    assert dbg.returncode == 1
+    assert "Traceback (most recent call last)" in dbg.stderr
+    assert "slimcli.errors.CheckpointError" in dbg.stderr
+
+
+# ------------------------------------------------------------ in process: main()'s error handling
+@pytest.fixture
+def failing_list(monkeypatch: pytest.MonkeyPatch):
+    """Make `slim list` raise the given error from inside the command."""
+
+    def arm(exc: Exception) -> None:
+        def boom() -> None:
+            raise exc
+
+        monkeypatch.setattr("slimcli.cli.list.load_plugins", boom)
+
+    monkeypatch.delenv("SLIM_DEBUG", raising=False)
+    return arm
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (SlimError("the registry is on fire; call the fire brigade"), 1),
+        (CheckpointError("ckpt is truncated; re-copy it"), 1),
+        (UsageError("unknown penalty 'x'; see slim list"), 2),
+    ],
+)
+def test_main_turns_slim_errors_into_one_line(
+    failing_list, capsys: pytest.CaptureFixture[str], exc: SlimError, code: int
+) -> None:
+    failing_list(exc)
+    with pytest.raises(SystemExit) as info:
+        main(["list"])
+    assert info.value.code == code
+    captured = capsys.readouterr()
+    assert captured.err == f"Error: {exc}\n" and captured.out == ""
+
+
+@pytest.mark.parametrize(("value", "raises"), [("1", True), ("yes", True), ("0", False), ("", False)])
+def test_slim_debug_reraises(
+    failing_list,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    value: str,
+    raises: bool,
+) -> None:
+    failing_list(SlimError("boom; do something"))
+    monkeypatch.setenv("SLIM_DEBUG", value)
+    if raises:
+        with pytest.raises(SlimError, match="boom"):
+            main(["list"])
+    else:
+        with pytest.raises(SystemExit) as info:
+            main(["list"])
+        assert info.value.code == 1 and capsys.readouterr().err == "Error: boom; do something\n"
+
+
+def test_other_exceptions_are_not_swallowed(failing_list) -> None:
+    failing_list(ZeroDivisionError("a bug, not a user error"))
+    with pytest.raises(ZeroDivisionError):  # a real bug keeps its traceback
+        main(["list"])
+
+
+def test_main_success_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["list", "datasets", "--json"])
+    assert info.value.code == 0
+    assert [d["name"] for d in json.loads(capsys.readouterr().out)] == REGISTRIES["datasets"].names()
+
+
+def test_list_table_shows_every_builtin(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["list"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for kind, registry in REGISTRIES.items():
+        assert kind in out
+        for name in registry.names():
+            assert name in out, name
+
+
+def test_list_json_all_kinds_and_singular(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["list", "--json"])
+    everything = json.loads(capsys.readouterr().out)
+    assert set(everything) == {"penalties", "archs", "datasets"}
+    with pytest.raises(SystemExit):
+        main(["list", "arch", "--json"])
+    assert json.loads(capsys.readouterr().out) == everything["archs"]
+
+
+@pytest.mark.parametrize("args", [["no-such-command"], ["list", "--no-such-option"], ["list", "datset"]])
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], args: list[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Error" in captured.err and "Traceback" not in captured.err
+    if args == ["list", "datset"]:
+        assert "Did you mean 'datasets'?" in captured.err
