@@ -483,7 +483,8 @@ def build_model(ckpt: Checkpoint) -> nn.Module:
     if narrower:
         from slimcli.prune import apply_widths
 
-        rebuilt = apply_widths(model, {k: int(v) for k, v in widths.items()})
+        shape = tuple(int(d) for d in ckpt.meta["input_shape"])
+        rebuilt = apply_widths(model, {k: int(v) for k, v in widths.items()}, input_shape=shape)
         model = rebuilt if isinstance(rebuilt, nn.Module) else model
 
     expected = model.state_dict()

@@ -456,7 +456,8 @@ def test_build_model_applies_narrower_widths(
     """Widths narrower than the dense arch go through slimcli.prune.apply_widths before loading."""
     seen: list[dict[str, int]] = []
 
-    def apply_widths(model: TinyNet, widths: dict[str, int]) -> TinyNet:
+    def apply_widths(model: TinyNet, widths: dict[str, int], input_shape: tuple[int, ...]) -> TinyNet:
+        assert input_shape == (1, 8, 8)
         seen.append(widths)
         k = widths["bn"]
         model.conv = nn.Conv2d(model.conv.in_channels, k, 3, padding=1, bias=False)
@@ -478,6 +479,24 @@ def test_build_model_applies_narrower_widths(
     save_checkpoint(path, tiny_model(), full_meta(widths={"bn": 4}))
     build_model(load_checkpoint(path))
     assert len(seen) == 1
+
+
+def test_build_model_rebuilds_a_really_pruned_model(tmp_path: Path, tiny_arch: str) -> None:
+    """With the real surgery: a slim model saved with its widths comes back identical."""
+    from slimcli.prune import apply_widths
+
+    slim = apply_widths(tiny_model(), {"bn": 3}, input_shape=(1, 8, 8))
+    with torch.no_grad():
+        for t in slim.state_dict().values():
+            if t.is_floating_point():
+                t.uniform_(0.5, 1.5)  # weights unlike any fresh model's
+    path = tmp_path / "slim.safetensors"
+    save_checkpoint(path, slim, full_meta(widths={"bn": 3}, stage="pruned"))
+    rebuilt = build_model(load_checkpoint(path))
+    assert rebuilt.state_dict()["bn.weight"].shape == (3,)
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), slim.eval()(x), rtol=0, atol=0)
 
 
 def test_build_model_missing_arch_names_it(tmp_path: Path) -> None:
