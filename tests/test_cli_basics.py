@@ -37,7 +37,9 @@ def test_console_script_list_json_is_pure_json_on_stdout() -> None:
     res = run("list", "penalties", "--json", script=True)
     assert res.returncode == 0 and res.stderr == ""
     data = json.loads(res.stdout)  # the whole of stdout, nothing before or after
-    assert [p["name"] for p in data] == REGISTRIES["penalties"].names()
+    # plugins imported into this process (the example plugin's tests) are not autoloaded there
+    builtins = [i.name for i in REGISTRIES["penalties"] if i.source.startswith("built-in ")]
+    assert [p["name"] for p in data] == builtins
     assert {"name", "description", "options", "aliases", "source"} <= set(data[0])
 
 

@@ -163,11 +163,11 @@ def test_real_registries_suggest_close_matches() -> None:
         DATASETS.parse("imagenet-21k-full")
 
 
-def test_every_builtin_spec_round_trips() -> None:
+def test_every_registered_spec_round_trips() -> None:
+    """Built-ins and any plugin imported into this process."""
     for registry in REGISTRIES.values():
         assert registry.names(), registry.kind
         for info in registry:
-            assert info.source.startswith("built-in "), (info.name, info.source)
             assert info.description, f"{info.name} needs a docstring (shown by slim list)"
             assert str(registry.parse(info.name)) == info.name
             explicit = ",".join(f"{o.name}={o.default}" for o in info.options)
