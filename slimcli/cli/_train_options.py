@@ -91,9 +91,8 @@ SeedOpt = Annotated[int, _opt("--seed", help="Seed of weight init, shuffling and
 DeviceOpt = Annotated[str, _opt("--device", help="auto (CUDA if present), cpu, cuda or cuda:N.",
                                 callback=_device)]
 AmpOpt = Annotated[Amp, _opt("--amp", help="Mixed precision: auto = bf16 on CUDA, off on CPU.")]
-ChannelsLastOpt = Annotated[bool | None, _opt("--channels-last/--no-channels-last",
-                                              help="NHWC memory layout [default: on CUDA only].",
-                                              show_default=False)]
+ChannelsLastOpt = Annotated[bool, _opt("--channels-last/--no-channels-last",
+                                      help="NHWC memory layout (faster with cuDNN and on the CPU).")]
 CompileOpt = Annotated[bool, _opt("--compile/--no-compile", help="torch.compile the model.")]
 DataDirOpt = Annotated[Path | None, _opt("--data-dir", help="Folder with the dataset files (searched first).",
                                          show_default=False)]

@@ -29,7 +29,7 @@ def sparsify_train(
     seed: o.SeedOpt = 0,
     device: o.DeviceOpt = "auto",
     amp: o.AmpOpt = o.Amp.auto,
-    channels_last: o.ChannelsLastOpt = None,
+    channels_last: o.ChannelsLastOpt = True,
     compile: o.CompileOpt = False,
     data_dir: o.DataDirOpt = None,
     out: o.OutOpt = None,

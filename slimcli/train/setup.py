@@ -89,7 +89,7 @@ def prepare(config: TrainConfig) -> Run:
         )
     device = resolve_device(config.device)
     precision = resolve_amp(config.amp, device)
-    channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
+    channels_last = config.channels_last
 
     if config.stage == "finetuned" and ckpt is None:
         parent = load_checkpoint(config.parent)  # type: ignore[arg-type]
