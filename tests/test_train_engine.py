@@ -363,3 +363,23 @@ def test_finetune_dataset_must_fit_the_model(straight: Path, tmp_path: Path) -> 
     with pytest.raises(UsageError, match="classes"):
         train(cfg(tmp_path / "ft", stage="finetuned", parent=str(straight / "best.safetensors"),
                   dataset="synthetic:n=64,size=16,channels=1,classes=3"))
+
+
+def test_rich_progress_on_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    from slimcli.train import RichReporter, make_reporter
+
+    monkeypatch.setattr(engine_mod, "REPORT_EVERY_S", 0.0)
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=200)
+    reporter = make_reporter(console, quiet=False)
+    assert isinstance(reporter, RichReporter)
+    assert not isinstance(make_reporter(console, quiet=True), RichReporter)
+    assert not isinstance(make_reporter(Console(file=io.StringIO()), quiet=False), RichReporter)  # not a TTY
+    train(cfg(tmp_path / "r", dataset="synthetic:n=64,n_test=32,size=16,channels=1,classes=4", epochs=1),
+          reporter)
+    text = buf.getvalue()
+    assert "epoch 1/1" in text and "img/s" in text and "γ<1e-2" in text
