@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _prune_toys import TOYS, PreActResNet
+from _prune_toys import TOYS, PreActResNet, one_thread  # noqa: F401  (autouse fixture)
 from torch import nn
 
 from slimcli.errors import PruneError

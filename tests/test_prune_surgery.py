@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from _prune_toys import TOYS, PreActResNet, VGGChain, randomize
+from _prune_toys import TOYS, PreActResNet, VGGChain, one_thread, randomize  # noqa: F401  (autouse fixture)
 from torch import nn
 from torch.fx import GraphModule
 

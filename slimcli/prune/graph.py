@@ -21,6 +21,7 @@ change the network; a wrong "not prunable" only keeps a few channels.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import operator
@@ -126,6 +127,25 @@ class Analysis:
     def prunable(self) -> dict[str, BNInfo]:
         return {k: v for k, v in self.bns.items() if v.prunable}
 
+    def clone(self) -> Analysis:
+        """A deep copy (modules and graph) whose edits point at the copied nodes.
+
+        Rebuilding many slim models from one dense model (target search, what-if) then costs
+        a copy and the surgery, not a trace and a shape run each time.
+        """
+        gm = copy.deepcopy(self.gm)
+        nodes = {n.name: n for n in gm.graph.nodes}
+
+        def same(n: Node | None) -> Node | None:
+            return None if n is None else nodes[n.name]
+
+        edits = {
+            name: Edit(nodes[e.bn.name], same(e.producer), same(e.selection),
+                       [(nodes[c.name], k) for c, k in e.consumers], [nodes[f.name] for f in e.flattens])
+            for name, e in self.edits.items()
+        }
+        return Analysis(gm, self.input_shape, self.bns, edits)
+
 
 class SlimTracer(Tracer):
     """The fx tracer of the pruning engine: channel selections stay single modules."""
@@ -168,6 +188,7 @@ def resolve_input_shape(model: nn.Module, input_shape: Sequence[int] | None) -> 
 class _ShapeRecorder(Interpreter):
     def __init__(self, gm: GraphModule) -> None:
         super().__init__(gm)
+        self.extra_traceback = False  # keep errors one line (and skip formatting the graph)
         self.shapes: dict[Node, tuple[int, ...]] = {}
 
     def run_node(self, n: Node) -> Any:
@@ -195,7 +216,8 @@ def record_shapes(gm: GraphModule, input_shape: Sequence[int]) -> dict[Node, tup
     except Exception as exc:
         raise PruneError(
             f"the model does not run on an input of shape {tuple(input_shape)} ({type(exc).__name__}: "
-            f"{exc}); pass the input shape it was built for"
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); pass the input shape it was "
+            f"built for"
         ) from exc
     finally:
         for m, mode in modes.items():

@@ -18,6 +18,7 @@ an error naming the layer.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 from slimcli.errors import PruneError, UsageError
 from slimcli.measure import measure as _measure
 from slimcli.prune.graph import BNInfo, analyze
-from slimcli.prune.surgery import apply_widths
+from slimcli.prune.surgery import rebuild
 
 RULES = ("ratio", "threshold", "target_params", "target_flops")
 
@@ -206,6 +207,7 @@ def _search_target(
         what = rule.replace("_", " ")
         raise UsageError(f"{what} must be a fraction in (0, 1] of the dense model, got {fraction}")
     metric = _metric(rule, measure or _measure, shape)
+    analysis = analyze(copy.deepcopy(model), shape)
     dense = metric(model)
     budget = fraction * dense
     candidates = torch.unique(torch.cat([s.reshape(-1) for s in scores.values()]))  # sorted
@@ -219,7 +221,7 @@ def _search_target(
         if i not in cache:
             keep = _keep(scores, None if i < 0 else float(candidates[i]), min_channels)
             widths = {n: int(m.sum()) for n, m in keep[0].items()}
-            cache[i] = (metric(apply_widths(model, widths, input_shape=shape)), keep)
+            cache[i] = (metric(rebuild(analysis.clone(), widths)), keep)
         return cache[i][0]
 
     if kept_at(last) > budget:
@@ -290,7 +292,6 @@ def what_if(
     ratios: Sequence[float] | None = None,
     *,
     min_channels: int = 1,
-    bns: Mapping[str, BNInfo] | None = None,
     measure: Measure | None = None,
 ) -> list[WhatIfRow]:
     """One row per ratio (default :func:`ratio_grid`): the slim model ``--ratio`` would build.
@@ -300,9 +301,8 @@ def what_if(
     """
     _check_min_channels(min_channels)
     shape = tuple(input_shape) if input_shape is not None else getattr(model, "input_shape", None)
-    if bns is None:
-        bns = analyze(model, shape).bns
-    scores = gamma_scores(model, bns)
+    analysis = analyze(copy.deepcopy(model), shape)
+    scores = gamma_scores(model, analysis.bns)
     measure = measure or _measure
     dense = measure(model, shape)
     rows = []
@@ -312,7 +312,7 @@ def what_if(
         widths = {n: int(m.sum()) for n, m in masks.items()}
         params = flops = None
         if not (emptied and min_channels == 0):  # else no model exists: the row reports the emptied layers
-            slim = measure(apply_widths(model, widths, input_shape=shape), shape)
+            slim = measure(rebuild(analysis.clone(), widths), shape)
             params, flops = int(slim.params), int(slim.flops)
         rows.append(WhatIfRow(
             ratio=float(ratio), threshold=threshold, channels_kept=sum(widths.values()),

@@ -290,20 +290,24 @@ def apply_widths(
     Every listed BatchNorm keeps its first ``k`` channels, so the result has exactly the
     shapes of the pruned model; ``load_state_dict(strict=True)`` of the pruned model's
     ``state_dict`` then fills in its weights and selection indices. The dense ``model`` is
-    not modified.
+    not modified; the input shape defaults to its ``input_shape`` attribute.
     """
-    analysis = analyze(copy.deepcopy(model), input_shape)
+    return rebuild(analyze(copy.deepcopy(model), input_shape), widths, name=type(model).__name__)
+
+
+def rebuild(analysis: Analysis, widths: Mapping[str, int], *, name: str = "the model") -> GraphModule:
+    """:func:`apply_widths` on an analysis (consumed: pass ``analysis.clone()`` to reuse it)."""
     masks: dict[str, Tensor] = {}
-    for name, k in widths.items():
-        info = analysis.bns.get(name)
+    for bn, k in widths.items():
+        info = analysis.bns.get(bn)
         if info is None:
-            raise PruneError(f"the widths name '{name}', which is not a BatchNorm of "
-                             f"{type(model).__name__}; the checkpoint and the architecture do not match")
+            raise PruneError(f"the widths name '{bn}', which is not a BatchNorm of {name}; the "
+                             f"checkpoint and the architecture do not match")
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= info.channels:
-            raise PruneError(f"width of '{name}' must be an integer in 1..{info.channels}, got {k!r}")
+            raise PruneError(f"width of '{bn}' must be an integer in 1..{info.channels}, got {k!r}")
         mask = torch.zeros(info.channels, dtype=torch.bool)
         mask[:k] = True
-        masks[name] = mask
+        masks[bn] = mask
     keep = _check_masks(analysis, masks)
     gm = _surgery(analysis, keep)
     gm.slim_widths = _widths(analysis.bns, keep)
