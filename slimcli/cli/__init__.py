@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
+from slimcli.cli import demo as _demo  # noqa: F401  (registers the command)
 from slimcli.cli import export as _export  # noqa: F401  (registers the command)
 from slimcli.cli import finetune as _finetune  # noqa: F401  (registers the command)
 from slimcli.cli import list as _list  # noqa: F401  (registers the command)
