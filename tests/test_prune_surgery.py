@@ -130,6 +130,8 @@ def test_training_mode_devices_and_grad_flags_are_kept() -> None:
     out = slim(torch.randn(4, 3, 8, 8))  # trains: BN batch statistics, gradients flow
     out.sum().backward()
     assert slim.get_submodule("features.1").weight.grad is not None
+    frozen, _ = prune_model(model.eval(), compute_keep(model, "ratio", 0.5, input_shape=(3, 8, 8)))
+    assert not any(m.training for m in frozen.modules())
 
 
 def test_mask_validation_errors() -> None:

@@ -165,6 +165,10 @@ def trace(model: nn.Module) -> GraphModule:
             f"pruning needs a forward without data-dependent Python control flow"
         ) from exc
     gm = GraphModule(tracer.root, graph, type(model).__name__)
+    gm.training = model.training
+    for m in gm.modules():
+        if type(m) is nn.Module:  # the empty containers fx creates for dotted names
+            m.training = model.training
     shape = getattr(model, "input_shape", None)
     if shape is not None:
         gm.input_shape = tuple(shape)
