@@ -136,7 +136,8 @@ def _render(r: PruneResult) -> None:
 @app.command("prune")
 def prune(
     ckpt: Annotated[Path | None, typer.Argument(
-        help="Checkpoint to prune [default: the newest under ./runs].", show_default=False)] = None,
+        metavar="CKPT", help="Checkpoint to prune [default: the newest under ./runs].",
+        show_default=False)] = None,
     ratio: Annotated[float | None, typer.Option(
         "--ratio", callback=_ratio, rich_help_panel=RULE, show_default=False,
         help="Global fraction of BN channels to remove (the paper's percentile), in (0, 1).")] = None,
