@@ -188,3 +188,13 @@ def test_onnx_export_matches_pytorch(name: str, tmp_path) -> None:
     (got,) = session.run(None, {"x": x5.numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), slim(x5), rtol=1e-4, atol=1e-5)
+
+
+def test_apply_widths_works_on_the_meta_device() -> None:
+    # slim inspect builds many slim structures on a weightless twin of the model
+    model, shape, _ = setup("dense")
+    slim, report = prune_model(model, compute_keep(model, "ratio", 0.5, input_shape=shape))
+    twin = apply_widths(TOYS["dense"][0]().to("meta"), report.widths, input_shape=shape)
+    shapes = {k: v.shape for k, v in slim.state_dict().items()}
+    assert {k: v.shape for k, v in twin.state_dict().items()} == shapes
+    assert all(p.is_meta for p in twin.parameters())
