@@ -83,7 +83,7 @@ def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def gamma_summary(scores: Mapping[str, Tensor], bins: int = 30) -> dict[str, Any]:
+def gamma_summary(scores: Mapping[str, Tensor], bins: int = 20) -> dict[str, Any]:
     """Distribution of the pooled scores: counts, exact zeros, histogram of log10|γ|, quantiles.
 
     The histogram covers the nonzero finite scores only (log10 0 is −∞), with ``bins``
@@ -398,7 +398,7 @@ def inspect_checkpoint(
     *,
     ratio: float = 0.5,
     min_channels: int = 1,
-    bins: int = 30,
+    bins: int = 20,
     ratios: Iterable[float] | None = None,
     log: Log | None = None,
 ) -> dict[str, Any]:
