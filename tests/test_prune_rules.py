@@ -52,15 +52,16 @@ def test_ratio_threshold_is_the_papers_percentile(ratio: float) -> None:
             assert torch.equal(mask, expected)
 
 
-def test_ratio_uses_the_exact_decimal() -> None:
-    # 0.29 * 100 is 28.999999999999996 in floating point; the paper's ⌊p·total⌋ is 29, so the
-    # threshold is the 30th smallest |γ| and (keeping |γ| > threshold) 30 channels go
+def test_ratio_index_is_computed_like_the_reference_code() -> None:
+    # the reference code's int(total * percent): 0.29 * 100 is 28.999999999999996, index 28, so
+    # the threshold is the 29th smallest |γ| and (keeping |γ| > threshold) 29 channels go
     model = nn.Sequential(nn.Conv2d(1, 100, 1, bias=False), nn.BatchNorm2d(100), nn.ReLU(),
                           nn.Conv2d(100, 2, 1))
     with torch.no_grad():
         model[1].weight.copy_(torch.randperm(100).double() + 1)
     plan = compute_keep(model, "ratio", 0.29, input_shape=(1, 2, 2))
-    assert plan.threshold == 30.0 and plan.kept_channels == 70
+    assert plan.threshold == 29.0 and plan.kept_channels == 71
+    assert compute_keep(model, "ratio", 0.3, input_shape=(1, 2, 2)).kept_channels == 69
 
 
 def test_ratio_zero_keeps_everything_and_ties_are_pruned() -> None:

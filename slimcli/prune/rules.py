@@ -22,7 +22,6 @@ import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Any
 
 import torch
@@ -109,8 +108,10 @@ def ratio_threshold(scores: Mapping[str, Tensor], ratio: float) -> float | None:
     if ratio == 0 or not scores:
         return None
     flat = torch.sort(torch.cat([s.reshape(-1) for s in scores.values()])).values
-    # exact ⌊p·total⌋ for the decimal the user typed: 0.29·100 is 29, not 28.999…
-    index = math.floor(Fraction(repr(float(ratio))) * flat.numel())
+    # int(p·total) in floating point, exactly as the reference code (and any re-implementation
+    # of ⌊p·total⌋) computes it, so thresholds agree bit for bit: the float 0.29 is a little
+    # below 0.29, and 0.29·100 gives index 28.
+    index = int(float(ratio) * flat.numel())
     return float(flat[min(index, flat.numel() - 1)])
 
 
