@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,7 +24,7 @@ _PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 _MISSING_MPL = '--plot needs matplotlib: pip install "slim-prune[plot]"'
 _EIGHTHS = " ▏▎▍▌▋▊▉"
 #: names shown per row in the what-if "emptied" column before "+N more"
-_SHOW_EMPTIED = 2
+_SHOW_EMPTIED = 1
 
 
 def _ratio(value: float) -> float:
@@ -145,16 +146,18 @@ def _histogram(doc: dict[str, Any], width: int) -> Table | None:
     table.add_column("count", justify="right", no_wrap=True)
     table.add_column("", no_wrap=True)
     edges, counts = hist["edges"], hist["counts"]
-    mark = None
+    mark, note = None, ""
     if at["threshold"] is not None and at["threshold"] > 0 and edges:
         t = math.log10(at["threshold"])
         mark = next((i for i in range(len(counts)) if t < edges[i + 1]), len(counts) - 1)
+        note = f" ◀ threshold of ratio {at['ratio']:g}: {at['threshold']:.3g}"
     top = max(counts, default=0)
-    bar_width = max(10, min(50, width - 40))
+    # what is left of the line after the edges (16), the counts and the marker of the threshold bin
+    bar_width = max(10, min(50, width - 16 - len(f"{top:,}") - 4 - len(note)))
     for i, c in enumerate(counts):
         bar = Text(_bar(c, top, bar_width), style="cyan")
         if i == mark:
-            bar.append(f" ◀ threshold of ratio {at['ratio']:g}: {at['threshold']:.3g}", style="bold yellow")
+            bar.append(note, style="bold yellow")
         table.add_row(f"[{edges[i]:+.2f}, {edges[i + 1]:+.2f}{']' if i == len(counts) - 1 else ')'}",
                       f"{c:,}", bar)
     return table
@@ -179,55 +182,83 @@ def _gamma_notes(doc: dict[str, Any]) -> list[str]:
     return notes
 
 
-def _layers(doc: dict[str, Any]) -> Table:
+def _short_reason(reason: str | None) -> str:
+    return re.sub(r" \('[^']*'\)", "", reason or "unknown")
+
+
+def _reasons(doc: dict[str, Any]) -> dict[str, int]:
+    """Each distinct reason for "not prunable" (graph node names dropped so equal ones group) → its number."""
+    reasons: dict[str, int] = {}
+    for row in doc["layers"]:
+        if not row["prunable"]:
+            reasons.setdefault(_short_reason(row["reason"]), len(reasons) + 1)
+    return reasons
+
+
+def _layers(doc: dict[str, Any], reasons: dict[str, int]) -> Table:
     at, mc = doc["at_ratio"], doc["settings"]["min_channels"]
     thr = f"{at['threshold']:.3g}" if at["threshold"] is not None else "—"
     table = Table(title=f"BatchNorms (ratio {at['ratio']:g}: prune |γ| ≤ {thr}, min-channels {mc})",
                   title_justify="left")
     table.add_column("BatchNorm", overflow="fold")
-    table.add_column("ch", justify="right")
-    table.add_column("min |γ|", justify="right")
-    table.add_column("median", justify="right")
-    table.add_column("max |γ|", justify="right")
-    table.add_column("≤ thr", justify="right")
-    table.add_column("kept", justify="right")
-    table.add_column("prunable", overflow="fold", ratio=1)
+    for name in ("ch", "min |γ|", "median", "max |γ|", "≤ thr", "kept"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("prunable", no_wrap=True)
     for row in doc["layers"]:
         if row["prunable"]:
             kept = str(row["kept"])
             if row["emptied"]:
                 kept = f"[red]{kept}[/]" if row["kept"] == 0 else f"[yellow]{kept}*[/]"
-            how = "yes, via channel selection" if row["needs_selection"] else "yes"
+            how = "yes (selection)" if row["needs_selection"] else "yes"
         else:
-            kept, how = str(row["kept"]), f"[dim]no: {row['reason']}[/]"
+            kept, how = str(row["kept"]), f"[dim]no \\[{reasons[_short_reason(row['reason'])]}][/]"
         under = row["under_threshold"]
         table.add_row(row["name"], str(row["channels"]), _num(row["gamma_min"]), _num(row["gamma_median"]),
                       _num(row["gamma_max"]), "—" if under is None else str(under), kept, how)
     return table
 
 
+def _layer_notes(doc: dict[str, Any], reasons: dict[str, int]) -> list[str]:
+    notes = []
+    if any(row["prunable"] and row["needs_selection"] for row in doc["layers"]):
+        notes.append("(selection): the BatchNorm reads a shared tensor (a residual sum, a concatenation), "
+                     "so a channel-selection layer goes in front of it")
+    if any(row["emptied"] for row in doc["layers"]):
+        mc = doc["settings"]["min_channels"]
+        notes.append(f"*: the threshold empties this layer; min-channels keeps its {mc} strongest "
+                     f"channel(s)" if mc else
+                     "0: the threshold empties this layer; slim prune would refuse (min-channels 0)")
+    for reason, number in reasons.items():
+        names = [r["name"] for r in doc["layers"]
+                 if not r["prunable"] and _short_reason(r["reason"]) == reason]
+        shown = ", ".join(names[:3]) + (f" +{len(names) - 3} more" if len(names) > 3 else "")
+        notes.append(f"[{number}] not prunable ({len(names)}: {shown}): {reason}")
+    return notes
+
+
 def _what_if(doc: dict[str, Any]) -> Table:
-    chosen = doc["settings"]["ratio"]
-    table = Table(title=f"what-if: prune --ratio R (min-channels {doc['settings']['min_channels']})",
-                  title_justify="left")
-    table.add_column("R", justify="right")
-    table.add_column("threshold", justify="right")
-    table.add_column("channels kept", justify="right")
-    table.add_column("params kept", justify="right")
-    table.add_column("FLOPs kept", justify="right")
-    table.add_column("layers emptied", overflow="fold", ratio=1)
     from slimcli.measure import human
 
-    for row in doc["what_if"]:
+    chosen, rows = doc["settings"]["ratio"], doc["what_if"]
+    table = Table(title=f"what-if: prune --ratio R (min-channels {doc['settings']['min_channels']})",
+                  title_justify="left")
+    table.add_column("R", justify="right", no_wrap=True)
+    table.add_column("threshold", justify="right", no_wrap=True)
+    table.add_column(f"channels kept\n(of {rows[0]['channels_total']:,})", justify="right", no_wrap=True)
+    table.add_column("params kept", justify="right", no_wrap=True)
+    table.add_column("FLOPs kept", justify="right", no_wrap=True)
+    table.add_column("layers emptied", overflow="fold", ratio=1)
+    for row in rows:
         emptied = row["emptied"]
-        names = ", ".join(emptied[:_SHOW_EMPTIED]) + (f" +{len(emptied) - _SHOW_EMPTIED} more"
-                                                      if len(emptied) > _SHOW_EMPTIED else "")
-        gone = f"{len(emptied)}: {names}" if emptied else "—"
+        names = ", ".join(emptied[:_SHOW_EMPTIED])
+        if len(emptied) > _SHOW_EMPTIED:
+            names += f" +{len(emptied) - _SHOW_EMPTIED}"
         params = "—" if row["params"] is None else f"{human(row['params'])} {row['params_kept']:6.1%}"
         flops = "—" if row["flops"] is None else f"{human(row['flops'])} {row['flops_kept']:6.1%}"
         style = "bold" if row["ratio"] == chosen else ("yellow" if emptied else None)
         table.add_row(f"{row['ratio']:g}" + (" ◀" if row["ratio"] == chosen else ""), _num(row["threshold"]),
-                      f"{row['channels_kept']:,}/{row['channels_total']:,}", params, flops, gone, style=style)
+                      f"{row['channels_kept']:,}", params, flops,
+                      f"{len(emptied)}: {names}" if emptied else "—", style=style)
     return table
 
 
@@ -266,7 +297,10 @@ def render(doc: dict[str, Any]) -> None:
         for note in _gamma_notes(doc):
             out.print(note, markup=False, highlight=False, soft_wrap=False)
     out.print()
-    out.print(_layers(doc))
+    reasons = _reasons(doc)
+    out.print(_layers(doc, reasons))
+    for note in _layer_notes(doc, reasons):
+        out.print(note, markup=False, highlight=False, soft_wrap=False)
     if doc["what_if"]:
         out.print(_what_if(doc))
         for note in _what_if_notes(doc):
