@@ -203,6 +203,17 @@ def test_resume_of_a_finished_run_trains_nothing(straight: Path) -> None:
     assert file_sha256(straight / "last.safetensors") == before
 
 
+def test_thread_count_is_picked_recorded_and_restored(tmp_path: Path) -> None:
+    torch.set_num_threads(2)
+    train(cfg(tmp_path / "r", dataset="synthetic:n=64,n_test=32,size=16,channels=1,classes=4", epochs=1,
+              threads=0))
+    assert torch.get_num_threads() == 2  # the caller's setting is restored
+    _, smeta = load_state(tmp_path / "r" / "last.safetensors")
+    chosen = smeta["config"]["threads"]  # a resume trains with the same count
+    assert chosen in (1, 2)
+    assert load_checkpoint(tmp_path / "r" / "last.safetensors").meta["train"]["threads"] == chosen
+
+
 def test_resume_errors(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="nothing to resume"):
         train(TrainConfig(resume=str(tmp_path)))

@@ -200,3 +200,34 @@ def test_state_round_trip_restores_optimizer_schedule_and_rngs() -> None:
     assert sched2.get_last_lr() == pytest.approx(sched.get_last_lr())
     for name in gens:
         assert torch.equal(torch.rand(5, generator=gens[name]), torch.rand(5, generator=gens2[name]))
+
+
+# ---------------------------------------------------------------------------------------
+# CPU threads
+# ---------------------------------------------------------------------------------------
+def test_pick_threads_times_candidates_on_a_copy() -> None:
+    from contextlib import nullcontext
+
+    from slimcli.train.threads import candidates, pick_threads
+
+    assert candidates(16) == [16, 8, 1] and candidates(2) == [2, 1] and candidates(1) == [1]
+    model = _tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(8, 4), torch.tensor([0, 1] * 4)
+    rng = torch.get_rng_state()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        chosen, timings = pick_threads(model, x, y, nullcontext)
+        assert set(timings) == {2, 1} and chosen == min(timings, key=timings.__getitem__)
+        assert torch.get_num_threads() == chosen
+        torch.set_num_threads(1)
+        assert pick_threads(model, x, y, nullcontext) == (1, {})
+    finally:
+        torch.set_num_threads(threads)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics untouched too
+    assert all(p.grad is None for p in model.parameters())
+    rng_after = torch.get_rng_state()
+    torch.set_rng_state(rng)
+    assert torch.equal(rng_after, rng)

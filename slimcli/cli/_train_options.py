@@ -94,6 +94,8 @@ AmpOpt = Annotated[Amp, _opt("--amp", help="Mixed precision: auto = bf16 on CUDA
 ChannelsLastOpt = Annotated[bool, _opt("--channels-last/--no-channels-last",
                                       help="NHWC memory layout (faster with cuDNN and on the CPU).")]
 CompileOpt = Annotated[bool, _opt("--compile/--no-compile", help="torch.compile the model.")]
+ThreadsOpt = Annotated[int, _opt("--threads", min=0, help="CPU threads; 0 = time a few steps with torch's "
+                                 "default, half of it and 1, and keep the fastest.")]
 DataDirOpt = Annotated[Path | None, _opt("--data-dir", help="Folder with the dataset files (searched first).",
                                          show_default=False)]
 OutOpt = Annotated[Path | None, _opt("--out", show_default=False,
@@ -103,7 +105,7 @@ ResumeOpt = Annotated[Path | None, _opt("--resume", help="Continue the run in th
 QuietOpt = Annotated[bool, _opt("--quiet", "-q", help="No live progress bar; one line per epoch on stderr.")]
 
 #: options that may accompany --resume (where to run, not what to run)
-RESUME_OK = {"resume", "device", "data_dir", "quiet", "ckpt"}
+RESUME_OK = {"resume", "device", "data_dir", "quiet", "ckpt", "threads"}
 
 
 def check_resume_alone(ctx: typer.Context, resume: Path | None) -> None:
@@ -119,7 +121,7 @@ def check_resume_alone(ctx: typer.Context, resume: Path | None) -> None:
         names = ", ".join(p.opts[0] if p.opts else p.name for p in given)  # type: ignore[misc]
         raise typer.BadParameter(
             f"--resume continues the run with its saved options; drop {names} "
-            f"(only --device, --data-dir and --quiet may change), or start a new run with --out",
+            f"(only --device, --threads, --data-dir and --quiet may change), or start a new run with --out",
             param_hint="--resume",
         )
 

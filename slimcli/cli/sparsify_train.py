@@ -31,6 +31,7 @@ def sparsify_train(
     amp: o.AmpOpt = o.Amp.auto,
     channels_last: o.ChannelsLastOpt = True,
     compile: o.CompileOpt = False,
+    threads: o.ThreadsOpt = 0,
     data_dir: o.DataDirOpt = None,
     out: o.OutOpt = None,
     resume: o.ResumeOpt = None,
@@ -46,7 +47,7 @@ def sparsify_train(
         arch=arch, dataset=dataset, penalty=penalty, lam=lam, update=update.value, epochs=epochs,
         batch_size=batch_size, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
         milestones=parse_milestones(milestones), gamma_init=gamma_init, seed=seed, device=device,
-        amp=amp.value, channels_last=channels_last, compile=compile,
+        amp=amp.value, channels_last=channels_last, compile=compile, threads=threads,
         data_dir=str(data_dir) if data_dir else None, out=str(out) if out else None,
         resume=str(resume) if resume else None, quiet=quiet, stage="sparsify",
     )

@@ -45,6 +45,8 @@ class TrainConfig:
     amp: str = "auto"
     channels_last: bool = True
     compile: bool = False
+    #: CPU threads; 0 = time a few passes at torch's default, half of it and 1, keep the fastest
+    threads: int = 0
     data_dir: str | None = None
     out: str | None = None
     resume: str | None = None
@@ -64,6 +66,8 @@ class TrainConfig:
             raise UsageError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
         if self.epochs < 0:
             raise UsageError(f"--epochs must be >= 0, got {self.epochs}")
+        if self.threads < 0:
+            raise UsageError(f"--threads must be >= 0 (0 = pick automatically), got {self.threads}")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
         for name in ("lr", "lam", "momentum", "weight_decay"):

@@ -9,6 +9,7 @@ an evaluation, a metrics line and atomic checkpoints, so a run can stop at any p
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from slimcli.train.state import (
     truncate_metrics,
     unpack_state,
 )
+from slimcli.train.threads import pick_threads
 
 REPORT_EVERY_S = 0.5  # progress refresh; also how often the loss is synced to the host
 
@@ -163,8 +165,19 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
         return TrainingInterrupted(text, signum, run.run_dir, resume)
 
     started, last_record = time.perf_counter(), None
+    threads_before = torch.get_num_threads()
+    where = str(device)
+    if device.type == "cpu":
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        else:
+            idx = torch.arange(min(bs, n), device=device)
+            chosen, _ = pick_threads(model, normalize(x_train[idx]), y_train[idx], lambda: autocast)
+            cfg = dataclasses.replace(cfg, threads=chosen)  # a resume keeps the count (same float sums)
+        run.base_meta["train"]["threads"] = torch.get_num_threads()
+        where = f"cpu ({torch.get_num_threads()} threads)"
     info = {"arch": run.base_meta["arch"], "dataset": ds.spec, "train_size": n, "epochs": cfg.epochs,
-            "penalty": penalty.spec, "lam": cfg.lam, "update": cfg.update, "device": str(device),
+            "penalty": penalty.spec, "lam": cfg.lam, "update": cfg.update, "device": where,
             "precision": run.precision.name, "run_dir": run.run_dir, "resumed_from": loop.epoch}
     try:
         with catch_stop_signals() as stop:  # from here on, Ctrl-C saves a resumable state
@@ -246,6 +259,7 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
                     raise interrupted(stop.signum or 2, f"after epoch {epoch}")
     finally:
         reporter.close()
+        torch.set_num_threads(threads_before)
     if last_record is None and loop.epoch > 0:
         last_record = read_metrics(run.run_dir)[-1]  # resumed a run that was already complete
     return TrainResult(run.run_dir, cfg.stage, loop.epoch, loop.best_acc, loop.best_epoch, last_record,

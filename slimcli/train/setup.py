@@ -66,7 +66,7 @@ def _resumed_config(config: TrainConfig) -> tuple[TrainConfig, Path, Any, tuple[
     saved = TrainConfig.from_json(smeta["config"])
     saved = dataclasses.replace(
         saved, resume=str(run_dir), out=str(run_dir), device=config.device, quiet=config.quiet,
-        data_dir=config.data_dir or saved.data_dir,
+        data_dir=config.data_dir or saved.data_dir, threads=config.threads or saved.threads,
     )
     return saved.validate(), run_dir, ckpt, (tensors, smeta)
 
