@@ -321,11 +321,12 @@ def what_if_table(
 
 
 def safe_bound(scores: Mapping[str, Tensor]) -> tuple[float | None, list[str]]:
-    """The exact bound b with: a ratio empties no layer ⇔ ratio < b; and the layers emptied first.
+    """The bound b = c/total with: ratio p empties no layer ⇔ p < b; and the layers emptied first.
 
     A layer is emptied once the threshold reaches its largest |γ|; the first to go is the
     one whose largest |γ| is smallest. With c scores below that value, ratio p keeps it
-    alive iff ⌊p·total⌋ < c, i.e. p < c/total.
+    alive iff ⌊p·total⌋ < c, i.e. p < c/total (up to how ⌊p·total⌋ rounds in floating
+    point when p is within an ulp of the bound).
     """
     if not scores:
         return None, []
