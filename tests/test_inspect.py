@@ -312,7 +312,7 @@ def test_human_output_reads_in_100_columns(tmp_path: Path, capsys: pytest.Captur
 
     spec = "resnet56:depth=20"  # has not-prunable BatchNorms (they feed residual sums)
     path = _save(tmp_path / "r.safetensors", _random_gammas(create_arch(spec, 10, SHAPE)), spec)
-    monkeypatch.setattr(out, "width", 100)
+    monkeypatch.setattr(out, "_width", 100)  # restored to "auto" afterwards
     code, stdout, stderr = _cli(["inspect", str(path), "--ratio", "0.6"], capsys)
     assert code == 0, stderr
     assert "Traceback" not in stderr
