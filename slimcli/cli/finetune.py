@@ -18,7 +18,8 @@ from slimcli.train.config import parse_milestones
 def finetune(
     ctx: typer.Context,
     ckpt: Annotated[Path | None, typer.Argument(
-        help="Checkpoint to train (its arch, widths and dataset are kept).", show_default=False)] = None,
+        help="Checkpoint to train (its arch, widths and dataset are kept).", metavar="CKPT",
+        show_default=False)] = None,
     dataset: Annotated[str | None, o._opt(
         "--dataset", help="Dataset spec [default: the checkpoint's].", callback=o.spec_callback(DATASETS),
         show_default=False)] = None,

@@ -175,7 +175,8 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
             chosen, _ = pick_threads(model, normalize(x_train[idx]), y_train[idx], lambda: autocast)
             cfg = dataclasses.replace(cfg, threads=chosen)  # a resume keeps the count (same float sums)
         run.base_meta["train"]["threads"] = torch.get_num_threads()
-        where = f"cpu ({torch.get_num_threads()} threads)"
+        count = torch.get_num_threads()
+        where = f"cpu ({count} thread{'s' if count > 1 else ''})"
     info = {"arch": run.base_meta["arch"], "dataset": ds.spec, "train_size": n, "epochs": cfg.epochs,
             "penalty": penalty.spec, "lam": cfg.lam, "update": cfg.update, "device": where,
             "precision": run.precision.name, "run_dir": run.run_dir, "resumed_from": loop.epoch}
