@@ -13,12 +13,10 @@ Nothing here ever unpickles: safetensors holds raw tensor bytes, and importing a
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import json
 import os
-import secrets
 import shlex
 import struct
 import sys
@@ -32,6 +30,7 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 from torch import Tensor, nn
 
+from slimcli._fs import atomic_write_bytes
 from slimcli.errors import CheckpointError, UsageError
 
 #: Version of the on-disk layout; bump when a reader of the old version would misread a new file.
@@ -43,7 +42,7 @@ _STR_KEYS = frozenset({"version", "arch", "dataset", "stage"})
 #: What build_model needs; a checkpoint without these cannot be rebuilt.
 _REQUIRED = ("arch", "num_classes", "input_shape")
 _STATE_SUFFIX = ".state.safetensors"
-_CHUNK = 1 << 24  # write in 16 MiB pieces so a huge checkpoint never needs one giant syscall
+_CHUNK = 1 << 24  # hash in 16 MiB pieces
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 
 
@@ -121,7 +120,7 @@ def lineage_entry(stage: str, parent_sha: str | None, command: str | None = None
     }
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
     """The bare module under DDP / DataParallel / torch.compile wrappers (so keys carry no prefix)."""
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
@@ -203,50 +202,25 @@ def _check_meta(meta: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------
 # writing
 # --------------------------------------------------------------------------------------
-def _write_all(f: Any, data: bytes) -> None:
-    view = memoryview(data)
-    for start in range(0, len(view), _CHUNK):
-        f.write(view[start : start + _CHUNK])
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; not every platform lets a directory be opened.
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
-    folder = path.parent
+def _ensure_folder(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CheckpointError(
             f"cannot create folder {folder}: {exc.strerror or exc}; choose another --out"
         ) from None
-    tmp = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
+    _ensure_folder(path.parent)
     try:
-        # os.open with mode 0o666 lets the umask decide the permissions, like a plain open().
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        with os.fdopen(fd, "wb") as f:
-            _write_all(f, data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise CheckpointError(
-                f"could not write {path}: {exc.strerror or exc}; the previous file is unchanged "
-                f"(free disk space or choose another --out)"
-            ) from exc
-        raise
-    _fsync_dir(folder)
+        atomic_write_bytes(path, data)
+    except OSError as exc:
+        raise CheckpointError(
+            f"could not write {path}: {exc.strerror or exc}; the previous file is unchanged "
+            f"(free disk space or choose another --out)"
+        ) from exc
 
 
 def save_checkpoint(
@@ -268,7 +242,7 @@ def save_checkpoint(
 
     path = Path(path)
     _check_meta(meta)
-    sd = _unwrap(model).state_dict() if isinstance(model, nn.Module) else model
+    sd = unwrap_model(model).state_dict() if isinstance(model, nn.Module) else model
     tensors = _plain_tensors(dict(sd), f"checkpoint {path}")
     header = _encode_meta(meta)
     header[PREFIX + "format"] = str(FORMAT_VERSION)

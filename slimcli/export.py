@@ -31,7 +31,6 @@ import io
 import json
 import logging
 import os
-import secrets
 import statistics
 import sys
 import tempfile
@@ -45,6 +44,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from slimcli._fs import atomic_target
+from slimcli.checkpoint import unwrap_model
 from slimcli.errors import DataError, ExportError, SlimError, UsageError
 
 if TYPE_CHECKING:
@@ -110,17 +111,6 @@ def _require_onnx() -> tuple[Any, Any]:
     return onnx, onnxruntime
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The bare module under DDP / DataParallel / torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod  # type: ignore[assignment]
-        else:
-            return model
-
-
 def _check_destination(path: Path) -> Path:
     """Validate the output path; return its (existing, writable-looking) folder."""
     if path.suffix.lower() != ".onnx":
@@ -137,26 +127,15 @@ def _check_destination(path: Path) -> Path:
     return folder
 
 
-def _create_temp(folder: Path, name: str) -> Path:
+def _create_temp(tmp: Path) -> None:
     """Create the (empty) temporary file the export goes to: proves the folder is writable."""
-    tmp = folder / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         # 0o666 lets the umask decide the final file's permissions, like a plain open()
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     except OSError as exc:
         raise ExportError(
-            f"cannot write to folder {folder}: {exc.strerror or exc}; choose a writable folder"
+            f"cannot write to folder {tmp.parent}: {exc.strerror or exc}; choose a writable folder"
         ) from None
-    return tmp
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 @contextlib.contextmanager
@@ -461,69 +440,62 @@ def export_onnx(
         raise UsageError(f"opset {opset} is not supported; use 7…{onnx.defs.onnx_opset_version()}")
 
     path = Path(path)
-    folder = _check_destination(path)
-    tmp = _create_temp(folder, path.name)
+    _check_destination(path)
     try:
-        net = _unwrap(model)
-        try:
-            net = copy.deepcopy(net)
-        except Exception as exc:
-            raise ExportError(f"cannot copy the model for export: {_first_line(exc)}") from None
-        net = net.to(device="cpu", dtype=torch.float32).eval()
-        params = sum(p.numel() for p in net.parameters())
-        if real_inputs is not None:
-            real_inputs = real_inputs.detach().to(device="cpu", dtype=torch.float32)
-        # traced at batch 2: torch.export specialises sizes 0 and 1, so 1 would pin the batch
-        example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(seed))
-        doc = f"exported by slim from {metadata.get(_META_PREFIX + 'arch', type(net).__name__)}"
-
-        order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
-        if exporter == "auto" and opset is not None and opset > _torchscript_max_opset():
-            order = ["dynamo"]
-        problems: list[str] = []
-        chosen: _Candidate | None = None
-        for name in order:
+        with atomic_target(path) as tmp:
+            _create_temp(tmp)
+            net = unwrap_model(model)
             try:
-                proto, data = _build(name, net, example, opset, metadata, doc)
-                cand = _verify(name, proto, data, net, shape, real_inputs, seed)
-            except ExportError as exc:
-                problems.append(str(exc))
-                continue
-            worst = max(c.rel_diff for c in cand.checks)
-            if worst <= tolerance:
-                chosen = cand
-                break
-            detail = ", ".join(
-                f"{c.inputs} inputs batch {c.batch}: {c.max_abs_diff:.3g} (rel {c.rel_diff:.3g})"
-                for c in cand.checks
-            )
-            problems.append(
-                f"{name} export differs from PyTorch by more than {tolerance:g} relative ({detail})"
-            )
-        if chosen is None:
-            raise ExportError(f"ONNX export to {path} failed, nothing written: " + "; ".join(problems))
+                net = copy.deepcopy(net)
+            except Exception as exc:
+                raise ExportError(f"cannot copy the model for export: {_first_line(exc)}") from None
+            net = net.to(device="cpu", dtype=torch.float32).eval()
+            params = sum(p.numel() for p in net.parameters())
+            if real_inputs is not None:
+                real_inputs = real_inputs.detach().to(device="cpu", dtype=torch.float32)
+            # traced at batch 2: torch.export specialises sizes 0 and 1, so 1 would pin the batch
+            example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(seed))
+            doc = f"exported by slim from {metadata.get(_META_PREFIX + 'arch', type(net).__name__)}"
 
-        with open(tmp, "wb") as fh:
-            fh.write(chosen.data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        latency = _latency_ms(
-            ort,
-            chosen.data,
-            torch.randn(1, *shape, generator=torch.Generator().manual_seed(seed)),
-            latency_runs,
-            warmup_runs,
-        )
-        os.replace(tmp, path)
+            order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
+            if exporter == "auto" and opset is not None and opset > _torchscript_max_opset():
+                order = ["dynamo"]
+            problems: list[str] = []
+            chosen: _Candidate | None = None
+            for name in order:
+                try:
+                    proto, data = _build(name, net, example, opset, metadata, doc)
+                    cand = _verify(name, proto, data, net, shape, real_inputs, seed)
+                except ExportError as exc:
+                    problems.append(str(exc))
+                    continue
+                worst = max(c.rel_diff for c in cand.checks)
+                if worst <= tolerance:
+                    chosen = cand
+                    break
+                detail = ", ".join(
+                    f"{c.inputs} inputs batch {c.batch}: {c.max_abs_diff:.3g} (rel {c.rel_diff:.3g})"
+                    for c in cand.checks
+                )
+                problems.append(
+                    f"{name} export differs from PyTorch by more than {tolerance:g} relative ({detail})"
+                )
+            if chosen is None:
+                raise ExportError(f"ONNX export to {path} failed, nothing written: " + "; ".join(problems))
+
+            with open(tmp, "wb") as fh:
+                fh.write(chosen.data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            latency = _latency_ms(
+                ort,
+                chosen.data,
+                torch.randn(1, *shape, generator=torch.Generator().manual_seed(seed)),
+                latency_runs,
+                warmup_runs,
+            )
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise ExportError(f"could not write {path}: {exc.strerror or exc}; nothing written") from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
     return ExportReport(
         path=path,
         size_bytes=path.stat().st_size,

@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+from slimcli import _fs as fs
 from slimcli import checkpoint as ck
 from slimcli.checkpoint import (
     FORMAT_VERSION,
@@ -236,7 +237,7 @@ def test_write_interrupted_midway_keeps_old_file(tmp_path: Path, monkeypatch: py
         f.write(data[: len(data) // 2])  # type: ignore[attr-defined]
         raise KeyboardInterrupt  # Ctrl-C in the middle of the write
 
-    monkeypatch.setattr(ck, "_write_all", half_then_interrupt)
+    monkeypatch.setattr(fs, "_write_all", half_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, {"x": torch.full((1000,), 2.0)}, full_meta(), state={"s": torch.ones(3)})
     assert path.read_bytes() == old
@@ -274,7 +275,7 @@ def test_state_written_first_so_a_crash_before_the_model_is_detected(
 WRITER = textwrap.dedent(
     """
     import sys, time, torch
-    from slimcli import checkpoint as ck
+    from slimcli import _fs as fs, checkpoint as ck
 
     def slow_write(f, data):  # paced writes, so the kill lands inside a write, not between saves
         for start in range(0, len(data), 1 << 16):
@@ -282,7 +283,7 @@ WRITER = textwrap.dedent(
             f.flush()
             time.sleep(0.001)
 
-    ck._write_all = slow_write
+    fs._write_all = slow_write
     path, meta = sys.argv[1], {"arch": "x", "num_classes": 2, "input_shape": [1, 2, 2], "stage": "sparsify"}
     i = 0
     while True:

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
-import os
 import re
-import secrets
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,6 +13,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from slimcli._fs import atomic_write_bytes
 from slimcli.cli._common import err, out
 from slimcli.cli.app import app
 from slimcli.errors import SlimError
@@ -321,16 +319,9 @@ def _import_matplotlib() -> tuple[Any, Any]:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_bytes(path, data)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise SlimError(
             f"could not write {path}: {exc.strerror or exc}; choose another --plot file"
         ) from None

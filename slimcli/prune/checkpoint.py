@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from slimcli._fs import atomic_target, temp_path
 from slimcli.errors import CheckpointError, DataError, UsageError
 from slimcli.prune.rules import RULES, KeepPlan, compute_keep
 from slimcli.prune.surgery import PruneReport, prune_model
@@ -159,8 +159,9 @@ def _check_export_destination(path: Path) -> None:
     """Fail before any work when the ONNX file cannot be written (exactly the checks of ``slim export``)."""
     from slimcli.export import _check_destination, _create_temp
 
-    folder = _check_destination(path)
-    tmp = _create_temp(folder, path.name)  # proves the folder is writable
+    _check_destination(path)
+    tmp = temp_path(path)
+    _create_temp(tmp)  # proves the folder is writable
     with contextlib.suppress(OSError):
         os.unlink(tmp)
 
@@ -218,7 +219,13 @@ def prune_checkpoint(
     ``command`` is recorded in the lineage (default: this process's command line); ``log``
     receives progress lines.
     """
-    from slimcli.checkpoint import build_model, lineage_entry, load_checkpoint, save_checkpoint
+    from slimcli.checkpoint import (
+        _ensure_folder,
+        build_model,
+        lineage_entry,
+        load_checkpoint,
+        save_checkpoint,
+    )
     from slimcli.export import export_checkpoint, latest_accuracy
     from slimcli.measure import measure
 
@@ -268,34 +275,24 @@ def prune_checkpoint(
     meta["lineage"] = [*ckpt.lineage, lineage_entry("pruned", ckpt.sha256, command)]
 
     # checkpoint → temporary file, ONNX → its place (atomic), then the checkpoint → its place
-    folder = target.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CheckpointError(
-            f"cannot create folder {folder}: {exc.strerror or exc}; choose another --out"
-        ) from None
-    tmp = folder / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{SUFFIX}"
+    _ensure_folder(target.parent)
     report_onnx = None
+    renaming = False
     try:
-        sha = save_checkpoint(tmp, slim, meta)
-        if onnx_path is not None:
-            say(f"exporting {onnx_path} …")
-            report_onnx = export_checkpoint(meta, onnx_path, model=slim, sha256=sha, data_dir=data_dir,
-                                            **dict(export_options or {}))
-        try:
-            os.replace(tmp, target)
-        except OSError as exc:
-            if onnx_path is not None:  # the pair goes together or not at all
-                with contextlib.suppress(OSError):
-                    os.unlink(onnx_path)
-            raise CheckpointError(
-                f"could not write {target}: {exc.strerror or exc}; nothing written"
-            ) from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        with atomic_target(target, suffix=SUFFIX) as tmp:
+            sha = save_checkpoint(tmp, slim, meta)
+            if onnx_path is not None:
+                say(f"exporting {onnx_path} …")
+                report_onnx = export_checkpoint(meta, onnx_path, model=slim, sha256=sha, data_dir=data_dir,
+                                                **dict(export_options or {}))
+            renaming = True  # from here on only the rename can fail
+    except OSError as exc:
+        if not renaming:
+            raise
+        if onnx_path is not None:  # the pair goes together or not at all
+            with contextlib.suppress(OSError):
+                os.unlink(onnx_path)
+        raise CheckpointError(f"could not write {target}: {exc.strerror or exc}; nothing written") from None
 
     return PruneResult(
         source=source, source_sha256=ckpt.sha256, out=target, sha256=sha, plan=plan, report=report,
