@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 from slimcli.archs import create_arch
 from slimcli.data import Dataset, create_dataset
-from slimcli.errors import (  # noqa: E402
+from slimcli.errors import (
     CheckpointError,
     DataError,
     ExportError,
@@ -21,8 +21,8 @@ from slimcli.errors import (  # noqa: E402
     TrainingError,
     UsageError,
 )
-from slimcli.penalties import Penalty, add_penalty_grad, apply_prox, create_penalty  # noqa: E402
-from slimcli.registry import (  # noqa: E402
+from slimcli.penalties import Penalty, add_penalty_grad, apply_prox, create_penalty
+from slimcli.registry import (
     ARCHS,
     DATASETS,
     PENALTIES,

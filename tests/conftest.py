@@ -8,8 +8,8 @@ os.environ["SLIM_DISABLE_PLUGIN_AUTOLOAD"] = "1"
 os.environ.pop("SLIM_PLUGINS", None)
 os.environ.pop("SLIM_DATA", None)
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
