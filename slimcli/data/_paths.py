@@ -13,6 +13,8 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from slimcli.errors import DataError
+
 OFFLINE_ENV = "SLIM_OFFLINE"
 DATA_ENV = "SLIM_DATA"
 
@@ -69,6 +71,19 @@ def writable_root(roots: Iterable[Path]) -> Path | None:
         if os.access(r, os.W_OK | os.X_OK):
             return r
     return None
+
+
+def download_root(roots: list[Path], missing: str, hint: str) -> Path:
+    """The root a missing dataset is downloaded into, or the :class:`DataError` saying why it cannot be.
+
+    ``missing`` says what was not found where; ``hint`` (how to get the files by hand) ends the message.
+    """
+    if offline():
+        raise DataError(f"{missing}; {OFFLINE_ENV}=1 forbids downloading. {hint}")
+    target = writable_root(roots)
+    if target is None:
+        raise DataError(f"{missing}, and none of {show(roots)} is writable to download into. {hint}")
+    return target
 
 
 def offline() -> bool:

@@ -21,15 +21,7 @@ from torch import Tensor
 
 from slimcli.data import Dataset
 from slimcli.data._download import download_file, extract_tar
-from slimcli.data._paths import (
-    OFFLINE_ENV,
-    candidate_dirs,
-    find_dir,
-    offline,
-    show,
-    user_roots,
-    writable_root,
-)
+from slimcli.data._paths import candidate_dirs, download_root, find_dir, show, user_roots
 from slimcli.errors import DataError
 from slimcli.registry import register_dataset
 
@@ -144,11 +136,7 @@ class _Cifar(Dataset):
             f"(it makes {self.folder}/ with {files}), or pass --data-dir DIR"
         )
         missing = f"{self.name}: {files} not found in any of {show(candidate_dirs(roots, (self.folder,)))}"
-        if offline():
-            raise DataError(f"{missing}; {OFFLINE_ENV}=1 forbids downloading. {hint}")
-        target = writable_root(roots)
-        if target is None:
-            raise DataError(f"{missing}, and none of {show(roots)} is writable to download into. {hint}")
+        target = download_root(roots, missing, hint)
         download_file(self.url, target / archive, self.md5, hint=hint)
         extract_tar(target / archive, self.folder, target / self.folder)
         (target / archive).unlink(missing_ok=True)  # the extracted folder is the download we keep

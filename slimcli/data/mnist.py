@@ -22,15 +22,7 @@ from torch import Tensor
 
 from slimcli.data import Dataset
 from slimcli.data._download import download_file
-from slimcli.data._paths import (
-    OFFLINE_ENV,
-    candidate_dirs,
-    find_dir,
-    offline,
-    show,
-    user_roots,
-    writable_root,
-)
+from slimcli.data._paths import candidate_dirs, download_root, find_dir, show, user_roots
 from slimcli.errors import DataError
 from slimcli.registry import register_dataset
 
@@ -137,11 +129,7 @@ class _Idx(Dataset):
             f"{show(r / self.folders[0] for r in roots)}, or pass --data-dir DIR"
         )
         missing = f"{self.name}: {files} not found in any of {show(dirs)}"
-        if offline():
-            raise DataError(f"{missing}; {OFFLINE_ENV}=1 forbids downloading. {hint}")
-        target = writable_root(roots)
-        if target is None:
-            raise DataError(f"{missing}, and none of {show(roots)} is writable to download into. {hint}")
+        target = download_root(roots, missing, hint)
         folder = target / self.folders[0]
         for stem in stems:
             if _locate(folder, stem) is None:
