@@ -96,6 +96,29 @@ class Penalty:
         return [o.view_as(y) for o, y in zip(out, ys, strict=True)]  # type: ignore[union-attr]
 
 
+#: The ``theta`` option of the penalties normalised by their threshold θ (MCP, SCAD).
+THETA_OPTION = Option(
+    "theta", float, None,
+    "threshold θ; none = lam, which reproduces the reference code (acts on |γ| ≤ a·lam only)",
+    check=lambda v: 0 < v < math.inf, rule="theta > 0, or none (= lam)",
+)  # fmt: skip
+
+
+class _ThetaPenalty(Penalty):
+    """Base of R_{θ,a}/θ penalties: declare :data:`THETA_OPTION`; θ = λ while it is none."""
+
+    theta: float | None
+
+    @property
+    def theta_value(self) -> float:
+        """The θ in use: the ``theta`` option, or λ when it is none."""
+        return float(self.lam if self.theta is None else self.theta)
+
+    @property
+    def is_zero(self) -> bool:
+        return self.theta_value == 0  # θ = λ = 0: R_{0,a} ≡ 0
+
+
 def check_step(step: float) -> None:
     """Reject a prox step that is negative or not finite (a caller bug, not user input)."""
     if not (0 <= step < math.inf):

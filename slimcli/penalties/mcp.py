@@ -7,30 +7,19 @@ import math
 import torch
 from torch import Tensor
 
-from slimcli.penalties import Penalty, check_step
+from slimcli.penalties import THETA_OPTION, _ThetaPenalty, check_step
 from slimcli.registry import Option, register_penalty
 
 
 @register_penalty("mcp")
-class MCP(Penalty):
+class MCP(_ThetaPenalty):
     """MCP_{θ,a}/θ: |x| − x²/(2aθ) for |x| ≤ aθ, aθ/2 beyond; θ = λ by default; prox = firm thresholding."""
 
     options = (
         Option("a", float, 3.0, "concavity: MCP is flat beyond |x| = a·theta",
                check=lambda v: 1 < v < math.inf, rule="a > 1"),
-        Option("theta", float, None,
-               "threshold θ; none = lam, which reproduces the reference code (acts on |γ| ≤ a·lam only)",
-               check=lambda v: 0 < v < math.inf, rule="theta > 0, or none (= lam)"),
+        THETA_OPTION,
     )
-
-    @property
-    def theta_value(self) -> float:
-        """The θ in use: the ``theta`` option, or λ when it is none."""
-        return float(self.lam if self.theta is None else self.theta)
-
-    @property
-    def is_zero(self) -> bool:
-        return self.theta_value == 0  # θ = λ = 0: MCP_{0,a} ≡ 0
 
     def value(self, x: Tensor) -> Tensor:
         b = self.a * self.theta_value

@@ -7,30 +7,19 @@ import math
 import torch
 from torch import Tensor
 
-from slimcli.penalties import Penalty, check_step
+from slimcli.penalties import THETA_OPTION, _ThetaPenalty, check_step
 from slimcli.registry import Option, register_penalty
 
 
 @register_penalty("scad")
-class SCAD(Penalty):
+class SCAD(_ThetaPenalty):
     """SCAD_{θ,a}/θ: |x| up to θ, quadratic up to aθ, (a+1)θ/2 beyond; θ = λ by default."""
 
     options = (
         Option("a", float, 3.7, "SCAD is flat beyond |x| = a·theta (3.7: Fan & Li)",
                check=lambda v: 2 < v < math.inf, rule="a > 2"),
-        Option("theta", float, None,
-               "threshold θ; none = lam, which reproduces the reference code (acts on |γ| ≤ a·lam only)",
-               check=lambda v: 0 < v < math.inf, rule="theta > 0, or none (= lam)"),
+        THETA_OPTION,
     )
-
-    @property
-    def theta_value(self) -> float:
-        """The θ in use: the ``theta`` option, or λ when it is none."""
-        return float(self.lam if self.theta is None else self.theta)
-
-    @property
-    def is_zero(self) -> bool:
-        return self.theta_value == 0  # θ = λ = 0: SCAD_{0,a} ≡ 0
 
     def _r(self, ax: Tensor) -> Tensor:
         """R elementwise on |x|."""
