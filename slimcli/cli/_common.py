@@ -27,3 +27,13 @@ def spec_callback(registry: Registry) -> Callable[[str | None], str | None]:
             raise typer.BadParameter(str(exc)) from None
 
     return check
+
+
+def device_callback(value: str) -> str:
+    """A Typer callback that checks a ``--device`` string (auto, cpu, cuda, cuda:N)."""
+    from slimcli.train.device import check_device_string  # lazily: it imports torch
+
+    try:
+        return check_device_string(value)
+    except UsageError as exc:
+        raise typer.BadParameter(str(exc).removeprefix("--device ")) from None

@@ -15,12 +15,11 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from slimcli.cli._common import err, out, spec_callback
+from slimcli.cli._common import device_callback, err, out, spec_callback
 from slimcli.errors import UsageError
 from slimcli.registry import ARCHS, DATASETS, PENALTIES
 from slimcli.train import TrainConfig, TrainingInterrupted, TrainResult, make_reporter, train
 from slimcli.train.config import parse_milestones
-from slimcli.train.device import check_device_string
 
 TRAIN = "Training"  # help panel
 
@@ -57,13 +56,6 @@ def _milestones(value: str) -> str:
     return value
 
 
-def _device(value: str) -> str:
-    try:
-        return check_device_string(value)
-    except UsageError as exc:
-        raise typer.BadParameter(str(exc).removeprefix("--device ")) from None
-
-
 def _opt(*names: str, help: str, **kw: Any) -> Any:
     return typer.Option(*names, help=help, rich_help_panel=TRAIN, **kw)
 
@@ -89,7 +81,7 @@ MilestonesOpt = Annotated[str, _opt("--milestones", help="Fractions of the epoch
 GammaInitOpt = Annotated[float, _opt("--gamma-init", help="Initial value of every BN scale γ.")]
 SeedOpt = Annotated[int, _opt("--seed", help="Seed of weight init, shuffling and augmentation.")]
 DeviceOpt = Annotated[str, _opt("--device", help="auto (CUDA if present), cpu, cuda or cuda:N.",
-                                callback=_device)]
+                                callback=device_callback)]
 AmpOpt = Annotated[Amp, _opt("--amp", help="Mixed precision: auto = bf16 on CUDA, off on CPU.")]
 ChannelsLastOpt = Annotated[bool, _opt("--channels-last/--no-channels-last",
                                       help="NHWC memory layout (faster with cuDNN and on the CPU).")]

@@ -11,7 +11,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from slimcli.cli._common import err, out
+from slimcli.cli._common import device_callback, err, out
 from slimcli.cli.app import app
 
 if TYPE_CHECKING:
@@ -22,16 +22,6 @@ def _ratio(value: float | None) -> float | None:
     if value is not None and not (math.isfinite(value) and 0 < value < 1):
         raise typer.BadParameter(f"must be strictly between 0 and 1, got {value}")
     return value
-
-
-def _device(value: str) -> str:
-    from slimcli.errors import UsageError
-    from slimcli.train.device import check_device_string
-
-    try:
-        return check_device_string(value)
-    except UsageError as exc:
-        raise typer.BadParameter(str(exc).removeprefix("--device ")) from None
 
 
 def _size(n: int | None) -> str:
@@ -103,7 +93,7 @@ def demo(
         "--ratio", callback=_ratio, show_default=False,
         help="Channel ratio to prune [default: the fraction of |γ| the penalty drove below 1e-2].")] = None,
     device: Annotated[str, typer.Option(
-        "--device", callback=_device, help="cpu (the demo's target), auto, cuda[:N].")] = "cpu",
+        "--device", callback=device_callback, help="cpu (the demo's target), auto, cuda[:N].")] = "cpu",
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", help="No progress on stderr; only the results.")] = False,
     fast: Annotated[bool, typer.Option(

@@ -12,7 +12,7 @@ import typer
 from rich.columns import Columns
 from rich.table import Table
 
-from slimcli.cli._common import err, out
+from slimcli.cli._common import device_callback, err, out
 from slimcli.cli.app import app
 
 if TYPE_CHECKING:
@@ -52,16 +52,6 @@ def _out_path(value: Path | None) -> Path | None:
     if value is not None and (not name.endswith(".safetensors") or name.endswith(".state.safetensors")):
         raise typer.BadParameter(f"must be a checkpoint file ending in .safetensors, got {value}")
     return value
-
-
-def _device(value: str) -> str:
-    from slimcli.errors import UsageError
-    from slimcli.train.device import check_device_string
-
-    try:
-        return check_device_string(value)
-    except UsageError as exc:
-        raise typer.BadParameter(str(exc).removeprefix("--device ")) from None
 
 
 def _pct(part: float, whole: float) -> str:
@@ -165,7 +155,7 @@ def prune(
         "--data-dir", show_default=False,
         help="Where the checkpoint's dataset is (for --eval and --export).")] = None,
     device: Annotated[str, typer.Option(
-        "--device", callback=_device,
+        "--device", callback=device_callback,
         help="Device for --eval: auto (CUDA if present), cpu, cuda[:N].")] = "auto",
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the result as one JSON document on stdout (nothing else).")] = False,
