@@ -11,6 +11,7 @@ dense model and the widths alone, so a slim checkpoint loads with ``strict=True`
 
 from __future__ import annotations
 
+from slimcli.prune.fold import ShiftFold
 from slimcli.prune.graph import BNInfo, SlimTracer, analyze, prunable_bns, trace
 from slimcli.prune.rules import (
     RULES,
@@ -33,6 +34,7 @@ __all__ = [
     "KeepPlan",
     "LayerReport",
     "PruneReport",
+    "ShiftFold",
     "SlimTracer",
     "WhatIfRow",
     "Widths",

@@ -27,6 +27,7 @@ from torch import nn
 
 from slimcli._fs import atomic_target, temp_path
 from slimcli.errors import CheckpointError, DataError, UsageError
+from slimcli.prune.fold import fold_summary
 from slimcli.prune.rules import RULES, KeepPlan, compute_keep
 from slimcli.prune.surgery import PruneReport, prune_model
 
@@ -186,7 +187,10 @@ def _prune_meta(
         "flops_after": after.flops,
         "flops_pruned_ratio": 1.0 - after.flops / before.flops if before.flops else 0.0,
         "source_sha256": source_sha,
+        "fold_shift": report.fold_shift,
     }
+    if report.fold_shift:
+        meta["fold"] = fold_summary(report.folds)
     if accuracy is not None:
         meta["accuracy"] = accuracy
         meta["loss"] = loss
@@ -207,6 +211,7 @@ def prune_checkpoint(
     command: str | None = None,
     export_options: Mapping[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
+    fold_shift: bool = False,
 ) -> PruneResult:
     """Prune the checkpoint at ``ckpt_path`` under ``rule`` and write the slim checkpoint.
 
@@ -217,7 +222,8 @@ def prune_checkpoint(
     checkpoint's dataset (on ``device``, ``auto`` allowed); ``export`` writes a verified ONNX
     file via :func:`slimcli.export.export_checkpoint` (``export_options`` are passed on).
     ``command`` is recorded in the lineage (default: this process's command line); ``log``
-    receives progress lines.
+    receives progress lines. ``fold_shift`` folds the removed channels' BatchNorm shifts into
+    the next layers (:mod:`slimcli.prune.fold`) instead of dropping them.
     """
     from slimcli.checkpoint import (
         _ensure_folder,
@@ -248,7 +254,7 @@ def prune_checkpoint(
 
     say(f"pruning {source} ({ckpt.arch}, stage {ckpt.stage or '?'}) with {rule} {value:g}")
     plan = compute_keep(model, rule, value, min_channels, input_shape=shape)
-    slim, report = prune_model(model, plan, input_shape=shape)
+    slim, report = prune_model(model, plan, input_shape=shape, fold_shift=fold_shift)
     slim.eval()
     before, after = measure(model, shape), measure(slim, shape)
 

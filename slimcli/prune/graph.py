@@ -122,6 +122,8 @@ class Analysis:
     input_shape: tuple[int, ...]
     bns: dict[str, BNInfo]
     edits: dict[str, Edit] = field(default_factory=dict)
+    #: node name → tensor shape in the zero-input run (batch 2)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def prunable(self) -> dict[str, BNInfo]:
@@ -144,7 +146,7 @@ class Analysis:
                        [(nodes[c.name], k) for c, k in e.consumers], [nodes[f.name] for f in e.flattens])
             for name, e in self.edits.items()
         }
-        return Analysis(gm, self.input_shape, self.bns, edits)
+        return Analysis(gm, self.input_shape, self.bns, edits, self.shapes)
 
 
 class SlimTracer(Tracer):
@@ -441,7 +443,7 @@ def analyze(model: nn.Module, input_shape: Sequence[int] | None = None) -> Analy
     shapes = record_shapes(gm, shape)
     modules = dict(gm.named_modules())
     counts = _call_counts(gm)
-    analysis = Analysis(gm, shape, {})
+    analysis = Analysis(gm, shape, {}, shapes={n.name: s for n, s in shapes.items()})
     seen: set[str] = set()
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(modules[node.target], _BatchNorm):

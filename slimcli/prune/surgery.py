@@ -12,6 +12,9 @@ For every prunable BatchNorm that loses channels:
 - every consumer conv/linear keeps the matching input channels (``H·W`` columns per channel
   after a flatten), and view/reshape flattens on the way become ``torch.flatten(x, 1)`` so
   that no hard-coded size survives.
+
+With ``fold_shift`` the constant a pruned channel's shift β fed to its consumers is first
+folded into their biases or the following BatchNorm's running mean (:mod:`slimcli.prune.fold`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from slimcli.errors import PruneError
 from slimcli.measure import count_params
+from slimcli.prune.fold import ShiftFold, fold_shifts, fold_summary
 from slimcli.prune.graph import Analysis, BNInfo, Edit, analyze
 from slimcli.prune.select import ChannelSelection
 
@@ -69,6 +73,9 @@ class PruneReport:
     params_before: int
     params_after: int
     plan: dict[str, Any] = field(default_factory=dict)  # the rule, threshold, … when a KeepPlan was used
+    fold_shift: bool = False
+    #: with fold_shift: where each pruned BN's constant went (or why it did not)
+    folds: list[ShiftFold] = field(default_factory=list)
 
     @property
     def channels_before(self) -> int:
@@ -97,6 +104,8 @@ class PruneReport:
             "params_before": self.params_before,
             "params_after": self.params_after,
             "layers": [r.as_dict() for r in self.layers],
+            "fold_shift": self.fold_shift,
+            **({"fold": fold_summary(self.folds)} if self.fold_shift else {}),
         }
 
 
@@ -107,11 +116,13 @@ def _masks_of(plan: Any) -> Mapping[str, Tensor]:
     return masks
 
 
-def masked_dense(model: nn.Module, masks: Any) -> nn.Module:
+def masked_dense(model: nn.Module, masks: Any, *, keep_shift: bool = False) -> nn.Module:
     """A copy of ``model`` with γ and β of the pruned channels set to zero.
 
     Its output is what the slim model must reproduce (before fine-tuning): a zeroed channel
-    leaves its BatchNorm as exact zeros, which is what removing it means.
+    leaves its BatchNorm as exact zeros, which is what removing it means. ``keep_shift``
+    zeroes γ only: the pruned channels output their constant β, which is what a slim model
+    pruned with ``fold_shift`` approximates (exactly where no zero padding intervenes).
     """
     dense = copy.deepcopy(model)
     with torch.no_grad():
@@ -119,7 +130,7 @@ def masked_dense(model: nn.Module, masks: Any) -> nn.Module:
             bn = dense.get_submodule(name)
             drop = ~torch.as_tensor(mask, dtype=torch.bool).to(bn.weight.device)
             bn.weight[drop] = 0
-            if bn.bias is not None:
+            if bn.bias is not None and not keep_shift:
                 bn.bias[drop] = 0
     return dense
 
@@ -251,13 +262,16 @@ def _widths(bns: Mapping[str, BNInfo], keep: Mapping[str, Tensor]) -> Widths:
 
 
 def prune_model(
-    model: nn.Module, plan: Any, *, input_shape: Sequence[int] | None = None
+    model: nn.Module, plan: Any, *, input_shape: Sequence[int] | None = None, fold_shift: bool = False
 ) -> tuple[GraphModule, PruneReport]:
     """Remove the channels that ``plan`` drops; return the slim model and a report.
 
     ``plan`` is a :class:`~slimcli.prune.rules.KeepPlan` or a dict ``BN name → bool mask``
     (missing BatchNorms keep everything). The dense ``model`` is not modified. The input
     shape comes from ``input_shape``, the plan, or the model's ``input_shape`` attribute.
+    ``fold_shift`` folds the constant each removed channel's β fed to the next layers into
+    their biases / BatchNorm running means (``report.folds``) instead of dropping it; the
+    structure, and so ``report.widths``, is the same either way.
     """
     masks = _masks_of(plan)
     shape = input_shape if input_shape is not None else getattr(plan, "input_shape", None)
@@ -266,6 +280,7 @@ def prune_model(
     analysis = analyze(copy.deepcopy(model), shape)
     keep = _check_masks(analysis, masks)
     params_before = count_params(model)
+    folds = fold_shifts(analysis, keep) if fold_shift else []
     gm = _surgery(analysis, keep)
     widths = _widths(analysis.bns, keep)
     gm.slim_widths = dict(widths)
@@ -279,7 +294,7 @@ def prune_model(
         for n, b in analysis.bns.items()
     ]
     summary = plan.summary() if hasattr(plan, "summary") else {}
-    return gm, PruneReport(layers, widths, params_before, count_params(gm), summary)
+    return gm, PruneReport(layers, widths, params_before, count_params(gm), summary, fold_shift, folds)
 
 
 def apply_widths(
