@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.columns import Columns
+from rich.markup import escape
 from rich.table import Table
 
 from slimcli.cli._common import device_callback, err, out
@@ -86,6 +87,12 @@ def _render(r: PruneResult) -> None:
     elif r.accuracy_before is not None:
         table.add_row("test accuracy",
                       f"{r.accuracy_before:.2%} recorded before pruning (--eval measures it after)")
+    if r.report.fold_shift:
+        folded = [f for f in r.report.folds if f.targets]
+        approx = sum(1 for f in folded if not f.exact)
+        table.add_row("BN shift β", f"folded into {len(folded)} consumer layer(s)"
+                                    + (f", {approx} of them approximately (zero padding)" if approx else "")
+                                    + f", {len(r.report.folds) - len(folded)} not folded")
     table.add_row("written", f"{r.out}  (stage pruned, sha256 {r.sha256[:12]}…)")
     out.print(table)
 
@@ -109,6 +116,10 @@ def _render(r: PruneResult) -> None:
             by_rule, kept = x.min_channels_bit
             out.print(f"[yellow]kept {kept} of {x.channels} channels of {x.name} (min-channels; "
                       f"the rule alone kept {by_rule})[/]", highlight=False)
+    for f in r.report.folds:
+        if not f.targets:
+            out.print(f"[yellow]shift of {f.channels} pruned channel(s) of {f.bn} not folded:[/] "
+                      f"{escape(f.reason or '')}", highlight=False)
     reasons: dict[str, list[str]] = defaultdict(list)
     for x in r.report.layers:
         if not x.prunable:
@@ -143,6 +154,10 @@ def prune(
     min_channels: Annotated[int, typer.Option(
         "--min-channels", min=0,
         help="Keep at least N channels in every layer (0: a layer the rule empties is an error).")] = 1,
+    fold_shift: Annotated[bool, typer.Option(
+        "--fold-shift",
+        help="Fold the constant relu(β) of removed channels into the next layer's bias / BN running "
+             "mean instead of dropping it (default: the paper's, β dropped).")] = False,
     out_path: Annotated[Path | None, typer.Option(
         "--out", callback=_out_path, show_default=False,
         help="Slim checkpoint to write [default: <ckpt stem>-pruned.safetensors next to CKPT].")] = None,
@@ -182,7 +197,7 @@ def prune(
         err.print(f"checkpoint: {ckpt} (the newest under ./runs)", markup=False, highlight=False)
     result = prune_checkpoint(
         ckpt, rule, value, min_channels, out_path, eval=eval_, export=export,
-        data_dir=data_dir, device=device,
+        data_dir=data_dir, device=device, fold_shift=fold_shift,
         log=lambda msg: err.print(msg, markup=False, highlight=False),
     )
     if as_json:
