@@ -105,13 +105,22 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+_command_line: list[str] | None = None  # set by the CLI's main(); else sys.argv is used
+
+
+def set_command_line(args: list[str]) -> None:
+    """Record the ``slim`` arguments this process runs with (for lineage records)."""
+    global _command_line
+    _command_line = list(args)
+
+
 def lineage_entry(stage: str, parent_sha: str | None, command: str | None = None) -> dict[str, Any]:
     """One lineage record: the stage, the parent checkpoint's sha256, the command line and UTC time.
 
-    ``command`` defaults to the current process's command line.
+    ``command`` defaults to the command line given to ``slim`` (see :func:`set_command_line`).
     """
     if command is None:
-        command = shlex.join(["slim", *sys.argv[1:]])
+        command = shlex.join(["slim", *(_command_line if _command_line is not None else sys.argv[1:])])
     return {
         "stage": stage,
         "parent": parent_sha,

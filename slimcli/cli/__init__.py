@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
+from slimcli.checkpoint import set_command_line
 from slimcli.cli import demo as _demo  # noqa: F401  (registers the command)
 from slimcli.cli import export as _export  # noqa: F401  (registers the command)
 from slimcli.cli import finetune as _finetune  # noqa: F401  (registers the command)
@@ -23,6 +24,7 @@ from slimcli.errors import SlimError
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``slim`` console script."""
     debug = os.environ.get("SLIM_DEBUG", "").strip() not in ("", "0")
+    set_command_line(sys.argv[1:] if argv is None else argv)
     try:
         app(args=argv, prog_name="slim")
     except SlimError as exc:
