@@ -10,9 +10,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from _helpers import run_cli
 
 from slimcli.checkpoint import build_model, file_sha256, load_checkpoint
-from slimcli.cli import main
 from slimcli.demo import STAGES, choose_ratio
 from slimcli.measure import measure
 
@@ -22,26 +22,12 @@ ARTEFACTS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    """Tiny models: a second OpenMP thread only adds barrier waits on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    captured = capsys.readouterr()
-    code = info.value.code
-    return (0 if code is None else int(code)), captured.out, captured.err
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_demo_runs_the_whole_chain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
-    code, stdout, stderr = _cli(["demo", "--fast", "--out", str(out), "--ratio", "0.5"], capsys)
+    code, stdout, stderr = run_cli(["demo", "--fast", "--out", str(out), "--ratio", "0.5"], capsys)
     assert code == 0, stderr
     for name in ARTEFACTS:
         assert (out / name).is_file(), name
@@ -89,10 +75,10 @@ def test_demo_runs_the_whole_chain(tmp_path: Path, capsys: pytest.CaptureFixture
 
 def test_demo_refuses_a_used_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "keep.txt").write_text("mine")
-    code, stdout, stderr = _cli(["demo", "--fast", "--quiet", "--out", str(tmp_path)], capsys)
+    code, stdout, stderr = run_cli(["demo", "--fast", "--quiet", "--out", str(tmp_path)], capsys)
     assert code == 2 and stdout == "" and "--out" in stderr and "Traceback" not in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
-    code, _, stderr = _cli(["demo", "--fast", "--ratio", "1"], capsys)
+    code, _, stderr = run_cli(["demo", "--fast", "--ratio", "1"], capsys)
     assert code == 2 and "between 0 and 1" in stderr
 
 

@@ -13,12 +13,12 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import run_cli
 from onnx import numpy_helper
 from torch import fx, nn
 
 from slimcli import export as ex
 from slimcli.checkpoint import load_checkpoint, save_checkpoint
-from slimcli.cli import main
 from slimcli.errors import ExportError, SlimError, UsageError
 from slimcli.export import checkpoint_metadata_for_onnx, export_checkpoint, export_onnx, latest_accuracy
 
@@ -26,13 +26,7 @@ SHAPE = (3, 8, 8)
 FAST = {"latency_runs": 2, "warmup_runs": 1}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    """Tiny models: a second OpenMP thread only adds barrier waits (seconds on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------
@@ -471,19 +465,11 @@ def test_export_checkpoint_from_meta_and_model(tmp_path: Path) -> None:
     assert report.metadata["slim.source_sha256"] == "cd" * 32
 
 
-def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    captured = capsys.readouterr()
-    code = exc.value.code
-    return (0 if code is None else int(code)), captured.out, captured.err
-
-
 def test_cli_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ckpt = tmp_path / "pruned.safetensors"
     slim_model, _ = _pruned_checkpoint(ckpt)
     out = tmp_path / "model.onnx"
-    code, stdout, stderr = _cli(
+    code, stdout, stderr = run_cli(
         ["export", str(ckpt), str(out), "--latency-runs", "3", "--opset", "17"], capsys
     )
     assert code == 0, stderr
@@ -512,7 +498,7 @@ def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         ([str(ckpt), str(tmp_path / "a.onnx"), "--opset", "3"], 2, "opset"),
     ]
     for args, expected, words in cases:
-        code, stdout, stderr = _cli(["export", *args, "--latency-runs", "0"], capsys)
+        code, stdout, stderr = run_cli(["export", *args, "--latency-runs", "0"], capsys)
         assert code == expected, (args, stderr)
         assert stdout == ""  # errors go to stderr only
         assert words in stderr and "Traceback" not in stderr
@@ -528,7 +514,7 @@ def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_cli_no_real_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ckpt = tmp_path / "pruned.safetensors"
     _pruned_checkpoint(ckpt)
-    code, stdout, stderr = _cli(
+    code, stdout, stderr = run_cli(
         ["export", str(ckpt), str(tmp_path / "m.onnx"), "--no-real-data", "--latency-runs", "0"], capsys
     )
     assert code == 0, stderr

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 import torch
+from _helpers import run_cli
 from _prune_toys import TOYS, randomize
 from torch import nn
 
 from slimcli.archs import create_arch
 from slimcli.checkpoint import build_model, file_sha256, lineage_entry, load_checkpoint, save_checkpoint
-from slimcli.cli import main
 from slimcli.inspect import gamma_summary, inspect_checkpoint, meta_twin, safe_bound, what_if_table
 from slimcli.measure import count_params, measure
 from slimcli.prune import (
@@ -33,12 +33,7 @@ SHAPE = (3, 16, 16)
 VGG = "vgg11:width=0.25"  # 8 prunable BatchNorms, 688 channels
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _meta(spec: str, **over: Any) -> dict[str, Any]:
@@ -79,14 +74,6 @@ def _save(path: Path, model: nn.Module, spec: str, **meta: Any) -> Path:
     return path
 
 
-def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    captured = capsys.readouterr()
-    code = exc.value.code
-    return (0 if code is None else int(code)), captured.out, captured.err
-
-
 def _rows_equal(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
     """Exactly equal rows (counts are integers; fractions are the same divisions; JSON keeps floats exact)."""
     assert len(a) == len(b)
@@ -100,7 +87,8 @@ def _rows_equal(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
 
 def test_json_is_complete_and_agrees_with_prune(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = _save(tmp_path / "vgg.safetensors", _random_gammas(create_arch(VGG, 10, SHAPE)), VGG)
-    code, stdout, stderr = _cli(["inspect", str(path), "--json", "--ratio", "0.45", "--bins", "12"], capsys)
+    argv = ["inspect", str(path), "--json", "--ratio", "0.45", "--bins", "12"]
+    code, stdout, stderr = run_cli(argv, capsys)
     assert code == 0, stderr
     doc = json.loads(stdout)  # stdout is exactly one JSON document
     for key in ("meta", "lineage", "sha256", "model", "gamma", "layers", "what_if", "max_safe_ratio"):
@@ -173,7 +161,7 @@ def test_crafted_gammas_report_the_emptying_ratio(tmp_path: Path, capsys: pytest
     below = 15 + 100  # scores smaller than the weak layer's largest one
     path = _save(tmp_path / "crafted.safetensors", model, VGG)
 
-    code, stdout, stderr = _cli(["inspect", str(path), "--json", "--min-channels", "0"], capsys)
+    code, stdout, stderr = run_cli(["inspect", str(path), "--json", "--min-channels", "0"], capsys)
     assert code == 0, stderr
     doc = json.loads(stdout)
     bound = below / total
@@ -192,7 +180,7 @@ def test_crafted_gammas_report_the_emptying_ratio(tmp_path: Path, capsys: pytest
     at = doc["at_ratio"]  # ratio 0.5 empties features.1: prune (min-channels 0) would refuse
     assert at["emptied"] == ["features.1"] and doc["layers"][0]["kept"] == 0 and doc["layers"][0]["emptied"]
 
-    code, stdout, _ = _cli(["inspect", str(path), "--json"], capsys)  # min-channels 1 keeps one channel
+    code, stdout, _ = run_cli(["inspect", str(path), "--json"], capsys)  # min-channels 1 keeps one channel
     doc = json.loads(stdout)
     assert doc["layers"][0]["kept"] == 1 and doc["layers"][0]["min_channels_bit"] == [0, 1]
     assert all(r["params"] is not None for r in doc["what_if"])
@@ -313,7 +301,7 @@ def test_human_output_reads_in_100_columns(tmp_path: Path, capsys: pytest.Captur
     spec = "resnet56:depth=20"  # has not-prunable BatchNorms (they feed residual sums)
     path = _save(tmp_path / "r.safetensors", _random_gammas(create_arch(spec, 10, SHAPE)), spec)
     monkeypatch.setattr(out, "_width", 100)  # restored to "auto" afterwards
-    code, stdout, stderr = _cli(["inspect", str(path), "--ratio", "0.6"], capsys)
+    code, stdout, stderr = run_cli(["inspect", str(path), "--ratio", "0.6"], capsys)
     assert code == 0, stderr
     assert "Traceback" not in stderr
     lines = stdout.splitlines()
@@ -334,7 +322,7 @@ def test_plot_is_a_png_and_json_stays_clean(tmp_path: Path, capsys: pytest.Captu
     path = _save(tmp_path / "v.safetensors", _random_gammas(create_arch(VGG, 10, SHAPE)), VGG)
     png = tmp_path / "plots" / "inspect.png"
     png.parent.mkdir()
-    code, stdout, stderr = _cli(["inspect", str(path), "--json", "--plot", str(png)], capsys)
+    code, stdout, stderr = run_cli(["inspect", str(path), "--json", "--plot", str(png)], capsys)
     assert code == 0, stderr
     json.loads(stdout)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -346,7 +334,7 @@ def test_plot_without_matplotlib(tmp_path: Path, capsys: pytest.CaptureFixture[s
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")] + ["matplotlib"]:
         monkeypatch.setitem(sys.modules, name, None)  # import matplotlib… raises ImportError
     path = _save(tmp_path / "v.safetensors", create_arch(VGG, 10, SHAPE), VGG)
-    code, stdout, stderr = _cli(["inspect", str(path), "--plot", str(tmp_path / "p.png")], capsys)
+    code, stdout, stderr = run_cli(["inspect", str(path), "--plot", str(tmp_path / "p.png")], capsys)
     assert code == 1 and stdout == ""
     assert stderr.strip().splitlines() == ['Error: --plot needs matplotlib: pip install "slim-prune[plot]"']
     assert not (tmp_path / "p.png").exists()
@@ -357,7 +345,7 @@ def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     cases = [(["--ratio", r], "ratio") for r in ("0", "1", "1.5", "-0.2", "nan")] + [
         (["--bins", "0"], "bins"), (["--min-channels", "-1"], "min-channels"), (["--plot", "x.jpg"], ".png")]
     for args, word in cases:
-        code, stdout, stderr = _cli(["inspect", str(path), *args], capsys)
+        code, stdout, stderr = run_cli(["inspect", str(path), *args], capsys)
         assert code == 2, (args, stderr)
         assert stdout == "" and word in stderr and "Traceback" not in stderr
 
@@ -371,7 +359,7 @@ def test_bad_checkpoints_exit_1_with_one_line(tmp_path: Path, capsys: pytest.Cap
     for path, word in ((corrupt, "truncated"), (junk, "not a safetensors"), (tmp_path / "no.safetensors",
                                                                                 "not found")):
         for extra in ([], ["--json"]):
-            code, stdout, stderr = _cli(["inspect", str(path), *extra], capsys)
+            code, stdout, stderr = run_cli(["inspect", str(path), *extra], capsys)
             assert code == 1 and stdout == ""
             lines = stderr.strip().splitlines()
             assert len(lines) == 1 and lines[0].startswith("Error: ") and word in lines[0], stderr

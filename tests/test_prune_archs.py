@@ -6,7 +6,6 @@ import io
 
 import pytest
 import torch
-from _prune_toys import one_thread  # noqa: F401  (autouse fixture)
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
@@ -25,6 +24,8 @@ from slimcli.registry import ARCHS
 
 SHAPE = (3, 32, 32)
 SPECS = [getattr(info.cls, "test_spec", info.name) for info in ARCHS]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(spec: str, seed: int = 0, gammas: str = "rand") -> nn.Module:

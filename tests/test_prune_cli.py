@@ -13,11 +13,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from _helpers import run_cli
 from torch import nn
 
 from slimcli.archs import create_arch
 from slimcli.checkpoint import build_model, file_sha256, lineage_entry, load_checkpoint, save_checkpoint
-from slimcli.cli import main
 from slimcli.errors import ExportError
 from slimcli.evaluate import evaluate
 from slimcli.measure import measure
@@ -31,13 +31,7 @@ SHAPE = (1, 28, 28)
 SYN = "synthetic:n=16,n_test=16,size=16,classes=3"  # for the pre-activation ResNet
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    """Tiny models: a second OpenMP thread only adds barrier waits on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,16 +75,8 @@ def _ckpt(path: Path, model: nn.Module | None = None, **meta: object) -> tuple[P
     return path, model
 
 
-def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    captured = capsys.readouterr()
-    code = info.value.code
-    return (0 if code is None else int(code)), captured.out, captured.err
-
-
 def _json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
-    code, stdout, stderr = _cli([*argv, "--json"], capsys)
+    code, stdout, stderr = run_cli([*argv, "--json"], capsys)
     assert code == 0, stderr
     return json.loads(stdout)  # --json prints one document and nothing else
 
@@ -194,7 +180,7 @@ def test_min_channels_keeps_a_layer_the_rule_empties_and_says_so(
         dense.features[26].weight.fill_(1e-4)  # the last BN (32 channels): every γ below the others
     ckpt, _ = _ckpt(tmp_path / "a.safetensors", dense)
 
-    code, stdout, stderr = _cli(["prune", str(ckpt), "--ratio", "0.3"], capsys)
+    code, stdout, stderr = run_cli(["prune", str(ckpt), "--ratio", "0.3"], capsys)
     assert code == 0, stderr
     assert "kept 1 of 32 channels of features.26 (min-channels; the rule alone kept 0)" in stdout
     assert load_checkpoint(tmp_path / "a-pruned.safetensors").widths["features.26"] == 1
@@ -212,7 +198,7 @@ def test_min_channels_keeps_a_layer_the_rule_empties_and_says_so(
     _same_outputs(build_model(load_checkpoint(res["out"])), masked_dense(dense, masks))
 
     before = _files(tmp_path)
-    code, stdout, stderr = _cli(["prune", str(ckpt), "--ratio", "0.3", "--min-channels", "0",
+    code, stdout, stderr = run_cli(["prune", str(ckpt), "--ratio", "0.3", "--min-channels", "0",
                                  "--out", str(tmp_path / "m0.safetensors")], capsys)
     assert code == 1 and stdout == ""
     last = stderr.strip().splitlines()[-1]  # progress lines come before it on stderr
@@ -224,7 +210,7 @@ def test_newest_checkpoint_under_runs_is_the_default(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    code, _, stderr = _cli(["prune", "--ratio", "0.5"], capsys)
+    code, _, stderr = run_cli(["prune", "--ratio", "0.5"], capsys)
     assert code == 2 and "./runs" in stderr  # nothing to prune yet: a usage error
 
     old, _ = _ckpt(tmp_path / "runs" / "old" / "best.safetensors")
@@ -237,7 +223,7 @@ def test_newest_checkpoint_under_runs_is_the_default(
     os.utime(new, (2_000_000, 2_000_000))
     os.utime(state, (3_000_000, 3_000_000))
     os.utime(hidden, (3_000_000, 3_000_000))
-    code, stdout, stderr = _cli(["prune", "--ratio", "0.5"], capsys)
+    code, stdout, stderr = run_cli(["prune", "--ratio", "0.5"], capsys)
     assert code == 0, stderr
     assert str(Path("runs/b/new/last.safetensors")) in stderr  # the path is printed
     written = tmp_path / "runs" / "b" / "new" / "last-pruned.safetensors"
@@ -261,7 +247,7 @@ def test_eval_records_the_accuracy_of_the_slim_model(
     assert loaded.metrics["pruned"]["test_acc"] == pytest.approx(acc)
     assert loaded.metrics["sparsify"] == {"test_acc": 0.5, "test_loss": 1.0}  # the parent's number stays
     assert res["accuracy_before"] == 0.5
-    code, stdout, _ = _cli(["prune", str(ckpt), "--ratio", "0.5", "--eval", "--device", "cpu", "--out",
+    code, stdout, _ = run_cli(["prune", str(ckpt), "--ratio", "0.5", "--eval", "--device", "cpu", "--out",
                             str(tmp_path / "b.safetensors")], capsys)
     assert code == 0 and "right after pruning" in stdout and f"{acc:.2%}" in stdout
 
@@ -271,7 +257,7 @@ def test_export_writes_the_slim_onnx_with_metadata(
 ) -> None:
     ckpt, _ = _ckpt(tmp_path / "a.safetensors")
     onnx_path = tmp_path / "slim.onnx"
-    code, stdout, stderr = _cli(["prune", str(ckpt), "--ratio", "0.5", "--export", str(onnx_path)], capsys)
+    code, stdout, stderr = run_cli(["prune", str(ckpt), "--ratio", "0.5", "--export", str(onnx_path)], capsys)
     assert code == 0, stderr
     assert "ONNX export" in stdout and "batch×1×28×28" in stdout
     loaded = load_checkpoint(tmp_path / "a-pruned.safetensors")
@@ -380,7 +366,7 @@ def test_usage_errors_exit_2(
     args: list[str], words: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ckpt, _ = _ckpt(tmp_path / "a.safetensors")
-    code, stdout, stderr = _cli(["prune", str(ckpt), *args], capsys)
+    code, stdout, stderr = run_cli(["prune", str(ckpt), *args], capsys)
     assert code == 2 and stdout == "" and words in stderr and "Traceback" not in stderr
     assert _files(tmp_path) == ["a.safetensors"]
 
@@ -389,13 +375,13 @@ def test_out_equal_to_the_input_is_refused(tmp_path: Path, capsys: pytest.Captur
     ckpt, _ = _ckpt(tmp_path / "a.safetensors")
     sha = file_sha256(ckpt)
     for out in (ckpt, tmp_path / "." / "a.safetensors"):
-        code, _, stderr = _cli(["prune", str(ckpt), "--ratio", "0.5", "--out", str(out)], capsys)
+        code, _, stderr = run_cli(["prune", str(ckpt), "--ratio", "0.5", "--out", str(out)], capsys)
         assert code == 2 and "never overwrites its input" in stderr
     assert file_sha256(ckpt) == sha and _files(tmp_path) == ["a.safetensors"]
 
 
 def _runtime_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    code, stdout, stderr = _cli(argv, capsys)
+    code, stdout, stderr = run_cli(argv, capsys)
     assert code == 1 and stdout == "", stderr
     last = stderr.strip().splitlines()[-1]  # progress lines may come before it on stderr
     assert last.startswith("Error: ") and stderr.count("Error") == 1 and "Traceback" not in stderr

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _prune_toys import TOYS, PreActResNet, one_thread  # noqa: F401  (autouse fixture)
+from _prune_toys import TOYS, PreActResNet
 from torch import nn
 
 from slimcli.errors import PruneError
 from slimcli.prune import prunable_bns
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bns_of(name: str):

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from _prune_toys import TOYS, one_thread, randomize  # noqa: F401  (autouse fixture)
+from _prune_toys import TOYS, randomize
 from torch import nn
 
 from slimcli.errors import PruneError, UsageError
@@ -24,6 +24,8 @@ from slimcli.prune import (
     what_if,
 )
 from slimcli.prune.surgery import rebuild
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model_and_shape(name: str = "preact", seed: int = 0) -> tuple[nn.Module, tuple[int, ...]]:

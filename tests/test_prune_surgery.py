@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from _prune_toys import TOYS, PreActResNet, VGGChain, one_thread, randomize  # noqa: F401  (autouse fixture)
+from _prune_toys import TOYS, PreActResNet, VGGChain, randomize
 from torch import nn
 from torch.fx import GraphModule
 
@@ -22,6 +22,8 @@ from slimcli.prune import (
 )
 
 PRUNABLE_TOYS = [name for name in TOYS if name != "awkward"] + ["awkward"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def setup(name: str, seed: int = 0) -> tuple[nn.Module, tuple[int, ...], torch.Tensor]:

@@ -4,34 +4,25 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from _helpers import run_cli
 
 from slimcli.checkpoint import load_checkpoint
-from slimcli.cli import main
 
 ARCH = "vgg11:width=0.125"
 DATA = "synthetic:n=128,n_test=64,size=16,channels=1,classes=4"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def slim(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    with pytest.MonkeyPatch.context() as mp, pytest.raises(SystemExit) as info:
+    with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sys, "argv", ["slim", *args])  # the lineage records the process's command line
-        main(list(args))
-    captured = capsys.readouterr()
-    code = info.value.code
-    return (0 if code is None else int(code)), captured.out, captured.err
+        return run_cli(list(args), capsys)
 
 
 def small(out: Path, *extra: str) -> list[str]:
@@ -119,23 +110,8 @@ def test_runtime_errors_exit_1_with_one_line(capsys: pytest.CaptureFixture[str],
     assert code == 1 and "not found" in err and len(err.strip().splitlines()) == 1
 
 
-def test_proximal_needs_a_prox(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    from slimcli.penalties import Penalty
-    from slimcli.registry import PENALTIES, register_penalty
-
-    @register_penalty("test-cli-noprox")
-    class NoProx(Penalty):
-        """No proximal map."""
-
-        def value(self, x: torch.Tensor) -> torch.Tensor:
-            return x.abs().sum()
-
-        def subgradient(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.sign(x)
-
-    try:
-        args = small(tmp_path / "r", "--penalty", "test-cli-noprox", "--update", "proximal")
-        code, _, err = slim(capsys, *args)
-    finally:
-        PENALTIES.unregister("test-cli-noprox")
+def test_proximal_needs_a_prox(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, noprox_penalty: str
+) -> None:
+    code, _, err = slim(capsys, *small(tmp_path / "r", "--penalty", noprox_penalty, "--update", "proximal"))
     assert code == 2 and "--update subgradient" in err and len(error_lines(err)) == 1

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +29,7 @@ DATA = "synthetic:n=512,n_test=128,size=16,channels=1,classes=4"  # 16 steps of 
 TIMING = {"images_per_s", "seconds"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # tiny models gain nothing from threads, and the shared machine's other work makes
-    # OpenMP spin-waiting with 2 threads ~10× slower; one thread also makes runs comparable
-    # with the 1-thread subprocess below
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cfg(out: Path, **kw: Any) -> TrainConfig:
@@ -270,23 +261,10 @@ def test_proximal_l1_gives_exact_zeros_subgradient_does_not(tmp_path: Path) -> N
     assert (_gammas(tmp_path / "sub") == 0).sum() == 0
 
 
-def test_proximal_without_prox_is_refused_before_training(tmp_path: Path) -> None:
-    @register_penalty("test-noprox")
-    class NoProx(Penalty):
-        """A penalty without a proximal map."""
-
-        def value(self, x: torch.Tensor) -> torch.Tensor:
-            return x.abs().sum()
-
-        def subgradient(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.sign(x)
-
-    try:
-        with pytest.raises(UsageError, match="no closed-form proximal map"):
-            train(cfg(tmp_path / "r", penalty="test-noprox", update="proximal", dataset="cifar10"))
-        assert not (tmp_path / "r").exists()
-    finally:
-        PENALTIES.unregister("test-noprox")
+def test_proximal_without_prox_is_refused_before_training(tmp_path: Path, noprox_penalty: str) -> None:
+    with pytest.raises(UsageError, match="no closed-form proximal map"):
+        train(cfg(tmp_path / "r", penalty=noprox_penalty, update="proximal", dataset="cifar10"))
+    assert not (tmp_path / "r").exists()
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
