@@ -6,11 +6,6 @@ suite stays fast) and the plugin's default options otherwise.
 
 from __future__ import annotations
 
-import math
-import warnings
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -21,110 +16,54 @@ from slimcli.archs.vgg import VGG
 from slimcli.errors import UsageError
 from slimcli.measure import count_params
 from slimcli.registry import ARCHS
+from slimcli.testing import (
+    ARCH_SHAPES,
+    check_arch_forward,
+    check_arch_init,
+    check_arch_onnx,
+    check_arch_rebuild,
+    check_arch_stem,
+)
 
-SHAPES = [(3, 32, 32), (1, 28, 28)]
+SHAPES = list(ARCH_SHAPES)
 #: the cheap variant of every registered arch, plus built-in options the defaults don't reach
 SPECS = [getattr(info.cls, "test_spec", info.name) for info in ARCHS] + ["resnet56:depth=8,shortcut=B"]
-
-
-def build(spec: str, shape: tuple[int, int, int] = (3, 32, 32), classes: int = 7, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return create_arch(spec, num_classes=classes, input_shape=shape).eval()
-
-
-def batch(shape: tuple[int, int, int]) -> torch.Tensor:
-    return torch.randn(2, *shape, generator=torch.Generator().manual_seed(1))
 
 
 def bn_count(model: nn.Module) -> int:
     return sum(m.num_features for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
 
 
-# --- the contract, on every registered architecture -------------------------------------
+# --- the contract, on every registered architecture (slimcli.testing, as plugins run it) ---------
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("spec", SPECS)
 def test_forward_and_fx_trace_agree(spec: str, shape: tuple[int, int, int]) -> None:
-    model = build(spec, shape)
-    x = batch(shape)
-    with torch.no_grad():
-        out = model(x)
-        traced = torch.fx.symbolic_trace(model)(x)
-    assert out.shape == (2, 7)
-    assert torch.isfinite(out).all()
-    assert torch.equal(traced, out)
-    # training mode (batch statistics) works on a batch of 2 as well
-    model.train()
-    train_out = model(x)
-    assert train_out.shape == (2, 7) and torch.isfinite(train_out).all()
+    check_arch_forward(spec, shape)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("spec", SPECS)
-def test_onnx_export_matches_pytorch(spec: str, shape: tuple[int, int, int], tmp_path: Path) -> None:
-    ort = pytest.importorskip("onnxruntime")
-    model = build(spec, shape)
-    x = batch(shape)
-    path = tmp_path / "model.onnx"
-    names = {"input_names": ["input"], "output_names": ["logits"]}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        try:  # the TorchScript exporter is much faster; fall back when a torch drops it
-            torch.onnx.export(model, (x,), str(path), dynamo=False, **names)
-        except Exception:
-            torch.onnx.export(model, (x,), str(path), dynamo=True, **names)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    with torch.no_grad():
-        want = model(x).numpy()
-    assert got.shape == want.shape
-    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+def test_onnx_export_matches_pytorch(spec: str, shape: tuple[int, int, int]) -> None:
+    pytest.importorskip("onnxruntime")
+    check_arch_onnx(spec, shape)
 
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_initialisation_and_no_conv_bias_before_bn(spec: str) -> None:
-    model = build(spec)
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    assert bns, "network slimming needs BatchNorm layers"
-    for bn in bns:
-        assert torch.all(bn.weight == 0.5) and torch.all(bn.bias == 0)
-    modules = dict(model.named_modules())
-    graph = torch.fx.symbolic_trace(model).graph
-    for node in graph.nodes:
-        if node.op == "call_module" and isinstance(modules[node.target], nn.modules.batchnorm._BatchNorm):
-            producer = node.args[0]
-            if producer.op == "call_module" and isinstance(modules[producer.target], nn.modules.conv._ConvNd):
-                assert modules[producer.target].bias is None, f"{producer.target} feeds {node.target}"
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.conv._ConvNd) and m.weight.numel() >= 2000:
-            fan_out = m.out_channels * math.prod(m.kernel_size) // m.groups
-            assert m.weight.std().item() == pytest.approx(math.sqrt(2 / fan_out), rel=0.15), name
-        if isinstance(m, nn.Linear):
-            assert m.bias is None or torch.all(m.bias == 0)
-            if m.weight.numel() >= 200:
-                assert m.weight.std().item() == pytest.approx(0.01, rel=0.25), name
+    check_arch_init(spec)
 
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_input_shape_changes_only_the_stem(spec: str) -> None:
-    rgb = build(spec, (3, 32, 32)).state_dict()
-    gray = build(spec, (1, 28, 28)).state_dict()
-    assert list(rgb) == list(gray)
-    differ = [k for k in rgb if rgb[k].shape != gray[k].shape]
-    assert len(differ) == 1, differ
-    a, b = rgb[differ[0]].shape, gray[differ[0]].shape
-    assert a[1] == 3 and b[1] == 1 and a[0] == b[0] and a[2:] == b[2:]
+    check_arch_stem(spec)
 
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_rebuild_loads_state_dict_strictly(spec: str) -> None:
     # checkpoints are loaded by rebuilding the arch from its spec: names and shapes must be stable
-    a, b = build(spec, seed=0), build(spec, seed=1)
-    x = batch((3, 32, 32))
-    b.load_state_dict(a.state_dict(), strict=True)
-    with torch.no_grad():
-        assert torch.equal(a(x), b(x))
+    check_arch_rebuild(spec)
 
 
 # --- exact sizes of the built-ins -------------------------------------------------------

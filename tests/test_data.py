@@ -21,12 +21,13 @@ import numpy as np
 import pytest
 import torch
 
-from slimcli.data import Dataset, create_dataset
+from slimcli.data import create_dataset
 from slimcli.data.cifar import Cifar10, Cifar100, read_batch
 from slimcli.data.fashion_mini import embedded_meta
 from slimcli.data.mnist import FashionMnist, Mnist, read_idx, read_idx_pair
 from slimcli.errors import DataError, UsageError
 from slimcli.registry import DATASETS
+from slimcli.testing import check_dataset
 
 REAL_HOME = Path.home()
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -178,28 +179,9 @@ def test_builtin_dataset_satisfies_contract(name: str, tmp_path: Path) -> None:
     maker = MAKERS[name]
     if maker is not None:
         maker(root)
-    ds = create_dataset(SMALL.get(name, name))
-    assert isinstance(ds, Dataset) and ds.name == name
-    assert isinstance(ds.num_classes, int) and ds.num_classes >= 2
-    assert isinstance(ds.input_shape, tuple) and len(ds.input_shape) == 3
-    assert all(isinstance(v, int) and v > 0 for v in ds.input_shape)
-    assert isinstance(ds.classes, list) and len(ds.classes) == ds.num_classes
-    assert all(isinstance(c, str) and c for c in ds.classes) and len(set(ds.classes)) == ds.num_classes
-    channels = ds.input_shape[0]
-    assert len(ds.mean) == len(ds.std) == channels
-    assert all(0 < m < 1 for m in ds.mean) and all(0 < s < 1 for s in ds.std)
-    assert set(ds.augment) == {"crop_pad", "hflip"}
-    assert isinstance(ds.augment["crop_pad"], int) and ds.augment["crop_pad"] >= 0
-    assert isinstance(ds.augment["hflip"], bool)
-    assert create_dataset(ds.spec).spec == ds.spec
-    for split in ("train", "test"):
-        x, y = ds.load(split, root)
-        assert x.dtype == torch.uint8 and x.is_contiguous() and tuple(x.shape[1:]) == ds.input_shape
-        assert y.dtype == torch.int64 and y.shape == (len(x),) and len(x) > 0
-        assert 0 <= int(y.min()) and int(y.max()) < ds.num_classes
-        x[0, 0, 0, 0] = 1  # the tensors own writable memory
-    with pytest.raises(UsageError, match="split"):
-        ds.load("val", root)
+    spec = SMALL.get(name, name)
+    assert create_dataset(spec).name == name
+    check_dataset(spec, root)  # slimcli.testing: the checks plugins run too
 
 
 def test_unknown_dataset_is_usage_error_with_suggestion() -> None:

@@ -11,6 +11,7 @@ from torch import Tensor
 from slimcli.errors import UsageError
 from slimcli.penalties import Penalty, create_penalty
 from slimcli.registry import PENALTIES
+from slimcli.testing import check_penalty
 
 F64 = torch.float64
 
@@ -36,30 +37,7 @@ ALL_NAMES = PENALTIES.names()
 @pytest.mark.parametrize("name", ALL_NAMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_contract_every_registered_penalty(name: str, dtype: torch.dtype) -> None:
-    pen = create_penalty(name, lam=0.05)
-    x = sample_points(dtype)
-    v = pen.value(x)
-    assert v.dim() == 0 and v.dtype == dtype and torch.isfinite(v)
-    assert pen.value(torch.zeros(5, dtype=dtype)).item() == 0
-    torch.testing.assert_close(pen.value(-x), v)  # R is even
-
-    g = pen.subgradient(x)
-    assert g.shape == x.shape and g.dtype == dtype and g.device == x.device
-    assert torch.isfinite(g).all()
-    assert torch.isfinite(pen.subgradient(torch.zeros(3, dtype=dtype))).all()
-    torch.testing.assert_close(pen.subgradient(-x), -g)  # subgradient is odd
-
-    for step in (1e-3, 0.1, 1.0):
-        p = pen.prox(x, step)
-        if p is None:
-            assert not pen.has_prox
-            continue
-        assert p.shape == x.shape and p.dtype == dtype and torch.isfinite(p).all()
-        assert pen.prox(torch.zeros(4, dtype=dtype), step).abs().max().item() == 0
-        if pen.separable:
-            torch.testing.assert_close(pen.prox(-x, step), -p)
-    # the spec string round-trips
-    assert PENALTIES.parse(pen.spec).options == PENALTIES.parse(name).options
+    check_penalty(name, dtypes=(dtype,))  # slimcli.testing: the checks plugins run too
 
 
 def test_all_builtins_registered() -> None:
