@@ -15,6 +15,9 @@ dense model ~7 points of accuracy). See docs/demo.md.
 The pruning ratio is read off the trained scales: the fraction of |γ| the penalty drove
 below ``dead_below`` (1e-2), rounded down to the paper's 0.05 grid and capped by the largest
 ratio that empties no layer (:func:`slimcli.prune.max_safe_ratio`). ``ratio`` overrides it.
+Pruning folds the removed channels' BN shift into the next layers (``--fold-shift``): measured
+on this demo's sparsified VGG-11 it keeps 84.7 % instead of 81.2 % right after pruning at ratio 0.7
+(docs/pruning.md); after fine-tuning both end within noise.
 """
 
 from __future__ import annotations
@@ -233,13 +236,14 @@ def run_demo(
 
     # 3. prune (+ accuracy right after pruning, + ONNX of the pruned model) ---------------------
     t0 = time.perf_counter()
-    say(f"3/6 prune: ratio {ratio:g} ({reason})")
+    say(f"3/6 prune: ratio {ratio:g} ({reason}); the removed channels' BN shift β is folded into "
+        f"the next layers (--fold-shift)")
     export_opts = {"latency_runs": settings.latency_runs}
     pruned = prune_checkpoint(
         dense_path, "ratio", ratio, 1, root / "pruned.safetensors", eval=True, export=root / "pruned.onnx",
-        device=settings.device, command=f"slim prune {dense_path} --ratio {ratio:g} --eval "
+        device=settings.device, command=f"slim prune {dense_path} --ratio {ratio:g} --fold-shift --eval "
                                         f"--export {root / 'pruned.onnx'} (slim demo)",
-        export_options=export_opts,
+        export_options=export_opts, fold_shift=True,
     )
     lap("prune", t0)
 
