@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import run_cli
 from torch import Tensor, nn
 
 from slimcli.archs import create_arch
 from slimcli.checkpoint import build_model, load_checkpoint, save_checkpoint
-from slimcli.cli import main
 from slimcli.measure import count_params
 from slimcli.prune import compute_keep, masked_dense, prune_model
 from slimcli.registry import ARCHS
@@ -28,13 +27,7 @@ SPECS = [getattr(info.cls, "test_spec", info.name) for info in ARCHS]
 SHAPE = (3, 32, 32)
 
 
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    """Tiny models: a second OpenMP thread only adds barrier waits on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomize(model: nn.Module, seed: int = 0, beta: float = 0.5) -> nn.Module:
@@ -329,11 +322,9 @@ def test_repruning_a_folded_model_with_selections_folds_again() -> None:
 
 
 def _cli_json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
-    with pytest.raises(SystemExit) as info:
-        main([*argv, "--json"])
-    captured = capsys.readouterr()
-    assert info.value.code in (0, None), captured.err
-    return json.loads(captured.out)
+    code, stdout, stderr = run_cli([*argv, "--json"], capsys)
+    assert code == 0, stderr
+    return json.loads(stdout)
 
 
 def test_cli_fold_shift_is_recorded_in_the_checkpoint(
