@@ -38,7 +38,7 @@ FORMAT_VERSION = 1
 PREFIX = "slim."
 STAGES = ("sparsify", "pruned", "finetuned")
 #: Metadata stored as plain strings; every other key is JSON.
-_STR_KEYS = frozenset({"version", "arch", "dataset", "stage"})
+_STR_KEYS = frozenset({"version", "arch", "dataset", "stage", "data_sha256", "model_sha256"})
 #: What build_model needs; a checkpoint without these cannot be rebuilt.
 _REQUIRED = ("arch", "num_classes", "input_shape")
 _STATE_SUFFIX = ".state.safetensors"
@@ -256,16 +256,28 @@ def save_checkpoint(
     header = _encode_meta(meta)
     header[PREFIX + "format"] = str(FORMAT_VERSION)
     header[PREFIX + "version"] = __version__
-    data = _st_save(tensors, metadata=header)
+    data = _with_data_checksum(tensors, header)
     sha = hashlib.sha256(data).hexdigest()
     if state is not None:
         smeta = _encode_meta(state_meta or {})
         smeta[PREFIX + "format"] = str(FORMAT_VERSION)
         smeta[PREFIX + "version"] = __version__
         smeta[PREFIX + "model_sha256"] = sha
-        _atomic_write(state_path(path), _st_save(_plain_tensors(state, "training state"), metadata=smeta))
+        _atomic_write(state_path(path), _with_data_checksum(_plain_tensors(state, "training state"), smeta))
     _atomic_write(path, data)
     return sha
+
+
+def _data_section(data: bytes) -> bytes:
+    return data[8 + struct.unpack("<Q", data[:8])[0] :]
+
+
+def _with_data_checksum(tensors: dict[str, Tensor], header: dict[str, str]) -> bytes:
+    """Serialise with ``slim.data_sha256``: the sha256 of the tensor bytes, so that damage inside
+    the data (not only a cut or a broken header) is caught on load. The data section does not
+    depend on the metadata, so the second serialisation has the same bytes after the header."""
+    digest = hashlib.sha256(_data_section(_st_save(tensors, metadata=header))).hexdigest()
+    return _st_save(tensors, metadata={**header, PREFIX + "data_sha256": digest})
 
 
 # --------------------------------------------------------------------------------------
@@ -371,6 +383,12 @@ def _read_safetensors(
         )
     if fmt < 1:
         raise CheckpointError(f"{path} has an invalid format version {fmt}; re-create it")
+    expected = raw_meta.get(PREFIX + "data_sha256")
+    if expected is not None and hashlib.sha256(_data_section(data)).hexdigest() != expected:
+        raise CheckpointError(
+            f"{path} is corrupt (its tensor data does not match the checksum saved with it); "
+            f"re-create or re-copy it"
+        )
     try:
         tensors = _st_load(data)
     except (SafetensorError, RuntimeError, ValueError) as exc:

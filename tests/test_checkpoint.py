@@ -542,3 +542,18 @@ def test_lineage_entry() -> None:
     assert entry["stage"] == "pruned" and entry["parent"] == "ab" * 32
     assert entry["command"] == "slim prune x --ratio 0.5" and entry["time"].endswith("+00:00")
     assert lineage_entry("sparsify", None)["command"].startswith("slim")
+
+
+def test_damage_inside_the_tensor_data_is_caught(tmp_path: Path) -> None:
+    """A flipped byte in the data (not a cut, not the header) fails the saved data checksum."""
+    path = tmp_path / "m.safetensors"
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8))
+    save_checkpoint(
+        path, model, {"arch": "x", "num_classes": 10, "input_shape": [3, 8, 8]}, state={"s": torch.ones(4)}
+    )
+    ck.load_checkpoint(path)  # intact: loads
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # inside the last tensor's bytes
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match the checksum"):
+        ck.load_checkpoint(path)
