@@ -142,7 +142,7 @@ def render_result(r: TrainResult) -> None:
         table.add_row("final test accuracy", f"{last['test_acc']:.2%} (loss {last['test_loss']:.4f})")
         fracs = f"{last['frac_below_1e-2']:.1%} (< 1e-4: {last['frac_below_1e-4']:.1%})"
         table.add_row("BN scales |γ| < 1e-2", fracs)
-        table.add_row("throughput", f"{last['images_per_s']:.0f} images/s on {r.device} ({r.precision})")
+        table.add_row("throughput", f"{last['images_per_s']:.0f} images/s on {r.device} (amp {r.precision})")
     elif r.best_acc >= 0:
         table.add_row("test accuracy", f"{r.best_acc:.2%}")
     table.add_row("time", f"{r.seconds:.1f} s")

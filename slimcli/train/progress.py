@@ -56,7 +56,7 @@ class PlainReporter(Reporter):
         self.console.print(
             f"training {info['arch']} on {info['dataset']} ({info['train_size']} images) for "
             f"{info['epochs']} epochs: penalty {info['penalty']} λ={info['lam']:g} ({info['update']}), "
-            f"{info['device']}, {info['precision']} → {info['run_dir']}",
+            f"{info['device']}, amp {info['precision']} → {info['run_dir']}",
             markup=False, highlight=False,
         )
 
