@@ -151,6 +151,23 @@ def test_mask_validation_errors() -> None:
     assert report.widths == {"bn1": 6} and report.params_after == report.params_before
 
 
+def test_masked_dense_takes_the_masks_prune_model_takes() -> None:
+    # a (1, C) mask or a float 0/1 mask (the reference code's cfg_mask) used to crash masked_dense
+    # with an IndexError while prune_model accepted it
+    model, shape, x = setup("vgg_flatten2x2")
+    name = next(n for n, b in prunable_bns(model, shape).items() if b.prunable)
+    channels = model.get_submodule(name).num_features
+    keep = torch.arange(channels) % 3 != 0
+    for form in (keep[None], keep.double(), keep.tolist()):
+        slim, _ = prune_model(model, {name: form}, input_shape=shape)
+        with torch.no_grad():
+            torch.testing.assert_close(slim(x), masked_dense(model, {name: form})(x), atol=1e-10, rtol=0)
+    with pytest.raises(PruneError, match="masks and model do not match"):
+        masked_dense(model, {name: torch.ones(channels + 1, dtype=torch.bool)})
+    with pytest.raises(PruneError, match="not a BatchNorm"):
+        masked_dense(model, {"nope": torch.ones(3, dtype=torch.bool)})
+
+
 def test_apply_widths_errors() -> None:
     model = PreActResNet()
     with pytest.raises(PruneError, match="do not match"):

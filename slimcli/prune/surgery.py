@@ -127,8 +127,15 @@ def masked_dense(model: nn.Module, masks: Any, *, keep_shift: bool = False) -> n
     dense = copy.deepcopy(model)
     with torch.no_grad():
         for name, mask in _masks_of(masks).items():
-            bn = dense.get_submodule(name)
-            drop = ~torch.as_tensor(mask, dtype=torch.bool).to(bn.weight.device)
+            bn = dict(dense.named_modules()).get(name)
+            if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.weight is None:
+                raise PruneError(f"'{name}' is not a BatchNorm with a scale γ in this model; the masks do "
+                                 f"not match the architecture")
+            # the same mask forms prune_model accepts (any shape with one entry per channel)
+            drop = ~torch.as_tensor(mask).reshape(-1).to(bn.weight.device, torch.bool)
+            if drop.numel() != bn.weight.numel():
+                raise PruneError(f"the mask for '{name}' has {drop.numel()} entries but the layer has "
+                                 f"{bn.weight.numel()} channels; masks and model do not match")
             bn.weight[drop] = 0
             if bn.bias is not None and not keep_shift:
                 bn.bias[drop] = 0
