@@ -137,8 +137,8 @@ def _keep(
 
 def _emptied_error(emptied: Sequence[str], what: str) -> PruneError:
     return PruneError(
-        f"{what} removes every channel of {', '.join(emptied)}; use min_channels >= 1 to keep "
-        f"the strongest channel(s) of each layer, or prune less"
+        f"{what} removes every channel of {', '.join(emptied)}; use min_channels >= 1 (--min-channels 1) "
+        f"to keep the strongest channel(s) of each layer, or prune less"
     )
 
 
