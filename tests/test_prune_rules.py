@@ -250,3 +250,11 @@ def test_model_without_prunable_bns_is_a_prune_error() -> None:
     with pytest.raises(PruneError, match="model output"):
         compute_keep(only_bad, "ratio", 0.5, input_shape=(3, 2, 2))
     assert set(compute_keep(model, "ratio", 0.5, input_shape=shape).masks) == {"bn_dw"}
+
+
+def test_nan_gamma_is_an_error_naming_the_layer() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    with torch.no_grad():
+        model[1].weight[2] = float("nan")
+    with pytest.raises(PruneError, match=r"1 are NaN"):
+        compute_keep(model, "ratio", 0.5, input_shape=(1, 2, 2))

@@ -93,12 +93,19 @@ class KeepPlan:
 
 
 def gamma_scores(model: nn.Module, bns: Mapping[str, BNInfo]) -> dict[str, Tensor]:
-    """|γ| (float64, CPU) of every prunable BatchNorm in ``bns``."""
-    return {
+    """|γ| (float64, CPU) of every prunable BatchNorm in ``bns``; a NaN γ is an error, not a score."""
+    scores = {
         name: model.get_submodule(name).weight.detach().abs().to("cpu", torch.float64)
         for name, info in bns.items()
         if info.prunable
     }
+    broken = [name for name, s in scores.items() if torch.isnan(s).any()]
+    if broken:
+        raise PruneError(
+            f"BatchNorm scales of {', '.join(broken)} are NaN (did training diverge?); "
+            f"prune an earlier checkpoint, e.g. best.safetensors of the run"
+        )
+    return scores
 
 
 def ratio_threshold(scores: Mapping[str, Tensor], ratio: float) -> float | None:
