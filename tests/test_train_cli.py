@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from _helpers import run_cli
 
 from slimcli.checkpoint import load_checkpoint
+from slimcli.cli import _train_options as train_options
+from slimcli.train import Reporter
 
 ARCH = "vgg11:width=0.125"
 DATA = "synthetic:n=128,n_test=64,size=16,channels=1,classes=4"
@@ -115,3 +120,41 @@ def test_proximal_needs_a_prox(
 ) -> None:
     code, _, err = slim(capsys, *small(tmp_path / "r", "--penalty", noprox_penalty, "--update", "proximal"))
     assert code == 2 and "--update subgradient" in err and len(error_lines(err)) == 1
+
+
+class _CtrlCAfterEpoch(Reporter):
+    """Sends SIGINT to this process at the end of epoch 1, as a Ctrl-C in the terminal would."""
+
+    def epoch_end(self, record: dict[str, Any]) -> None:
+        if record["epoch"] == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_finetune_interrupted_then_resumed(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, err = slim(capsys, *small(tmp_path / "run", "--threads", "1"))
+    assert code == 0, err
+    parent = str(tmp_path / "run" / "best.safetensors")
+    args = ["finetune", parent, "--epochs", "2", "--batch-size", "32", "--device", "cpu", "--quiet",
+            "--threads", "1"]
+    code, _, err = slim(capsys, *args, "--out", str(tmp_path / "straight"))
+    assert code == 0, err
+
+    ft = tmp_path / "ft"
+    with monkeypatch.context() as mp:
+        mp.setattr(train_options, "make_reporter", lambda console, quiet: _CtrlCAfterEpoch())
+        code, out, err = slim(capsys, *args, "--out", str(ft))
+    assert code == 130 and out == ""
+    assert err.startswith(f"Interrupted after epoch 1; state saved in {ft}."), err
+    assert f"Resume with: slim finetune --resume {ft}" in err
+    # the command the message names works and finishes the run exactly as if never stopped
+    code, out, err = slim(capsys, "finetune", "--resume", str(ft), "--quiet")
+    assert code == 0, err
+    assert "finetuned run" in out and "resuming" in err
+    straight = load_checkpoint(tmp_path / "straight" / "last.safetensors").tensors
+    resumed = load_checkpoint(ft / "last.safetensors").tensors
+    for name, value in straight.items():
+        torch.testing.assert_close(resumed[name], value, atol=1e-6, rtol=0, msg=name)
+    # a finished run resumed again: nothing to do, the summary once more
+    code, out, _ = slim(capsys, "finetune", "--resume", str(ft), "--quiet")
+    assert code == 0 and "finetuned run" in out

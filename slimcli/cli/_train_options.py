@@ -123,7 +123,8 @@ def run_training(config: TrainConfig) -> TrainResult:
     try:
         result = train(config, make_reporter(err, config.quiet))
     except TrainingInterrupted as exc:
-        err.print(f"Interrupted: {exc}", markup=False, highlight=False)
+        text = str(exc)  # "interrupted in epoch …; state saved in …. Resume with: …"
+        err.print(text[:1].upper() + text[1:], markup=False, highlight=False)
         raise typer.Exit(exc.exit_code) from None
     render_result(result)
     return result

@@ -85,7 +85,8 @@ class TrainConfig:
                 )
         if self.gamma_init is not None and not math.isfinite(self.gamma_init):
             raise UsageError(f"--gamma-init must be a finite number, got {self.gamma_init}")
-        if self.stage == "finetuned" and not self.parent:
+        # a resumed run takes its parent from the saved config
+        if self.stage == "finetuned" and not self.parent and not self.resume:
             raise UsageError("finetune needs the checkpoint to start from")
         return self
 
