@@ -45,6 +45,7 @@ def test_sparsify_train_then_finetune(capsys: pytest.CaptureFixture[str], tmp_pa
     assert code == 0, err
     assert "best test accuracy" in out and str(run) in out and "slim prune" in out  # summary on stdout
     assert "epoch 1/1" in err and "Traceback" not in err  # progress on stderr, plain (not a TTY)
+    assert "for 1 epoch: penalty tl1:a=0.5 λ=0.001 (subgradient)," in err
     meta = load_checkpoint(run / "last.safetensors").meta
     assert meta["train"]["penalty"] == "tl1:a=0.5" and meta["train"]["lam"] == 1e-3
     assert meta["lineage"][0]["command"].startswith("slim sparsify-train")
@@ -54,6 +55,7 @@ def test_sparsify_train_then_finetune(capsys: pytest.CaptureFixture[str], tmp_pa
     code, out, err = slim(capsys, "finetune", str(run / "best.safetensors"), "--epochs", "1",
                           "--batch-size", "32", "--device", "cpu", "--out", str(ft), "--quiet")
     assert code == 0, err
+    assert "for 1 epoch: no penalty," in err  # not a meaningless "λ=0.0001"
     meta = load_checkpoint(ft / "last.safetensors").meta
     assert meta["stage"] == "finetuned" and meta["train"]["penalty"] == "none" and meta["dataset"] == DATA
     assert meta["lineage"][-1]["command"].startswith("slim finetune")

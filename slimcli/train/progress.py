@@ -53,9 +53,11 @@ class PlainReporter(Reporter):
 
     def start(self, info: dict[str, Any]) -> None:
         self.epochs = int(info["epochs"])
+        penalty = ("no penalty" if info["penalty"] == "none"  # λ means nothing then
+                   else f"penalty {info['penalty']} λ={info['lam']:g} ({info['update']})")
         self.console.print(
             f"training {info['arch']} on {info['dataset']} ({info['train_size']} images) for "
-            f"{info['epochs']} epochs: penalty {info['penalty']} λ={info['lam']:g} ({info['update']}), "
+            f"{self.epochs} epoch{'' if self.epochs == 1 else 's'}: {penalty}, "
             f"{info['device']}, amp {info['precision']} → {info['run_dir']}",
             markup=False, highlight=False,
         )
