@@ -397,6 +397,27 @@ def test_prox_float32_matches_float64(spec: str) -> None:
     torch.testing.assert_close(x32.double(), x64, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("a", [0.5, 1.0, 3.0])
+def test_tl1_prox_just_above_the_threshold_is_accurate_relative_to_y(a: float) -> None:
+    """Regression: |x| = u − a cancelled to an error ~eps·a, so small y (γ ≪ a) near the
+    threshold came out with the wrong sign in float64 and up to 10 % of |y| off in float32."""
+    pen = create_penalty(f"tl1:a={a}")
+    c = a * (a + 1)
+    for t in (1e-8, 1e-6, 1e-5, 1e-3):
+        y = tl1_threshold(a, t) * (1 + torch.logspace(-9, 1, 200, dtype=F64))
+        y = torch.cat([y, -y])
+        x = pen.prox(y, t)
+        assert (x * y >= 0).all() and (x.abs() <= y.abs()).all()
+        # stationarity of ½(x−y)² + t·R on the nonzero branch: |x| = |y| − t·a(a+1)/(a+|x|)²
+        resid = x.abs() - (y.abs() - t * c / (a + x.abs()).square())
+        rel = resid.abs() / y.abs()
+        assert (rel <= 1e-13).all(), f"t={t}: max residual/|y| {rel.max()}"
+        x32 = pen.prox(y.float(), t).double()
+        assert (x32 * y >= 0).all()
+        rel32 = (x32 - x).abs() / y.abs()
+        assert (rel32 <= 2e-6).all(), f"t={t}: float32 off by {rel32.max()} of |y|"
+
+
 def test_lp_closed_forms_agree_with_the_newton_solve() -> None:
     """p = ½ and ⅔ closed forms vs the generic Newton solve at the same p."""
     from slimcli.penalties.lp import _newton

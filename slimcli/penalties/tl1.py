@@ -41,7 +41,12 @@ class TL1(Penalty):
             return y.clone()
         a = self.a
         ay = y.abs()
-        cos_arg = 1 - 27 * step * a * (a + 1) / (2 * (a + ay).pow(3))
-        phi = torch.arccos(torch.clamp(cos_arg, -1.0, 1.0))
-        mag = (2 / 3) * (a + ay) * torch.cos(phi / 3) - 2 * a / 3 + ay / 3
+        c = step * a * (a + 1)
+        w = a + ay
+        phi = torch.arccos(torch.clamp(1 - 27 * c / (2 * w.pow(3)), -1.0, 1.0))
+        # u = a + |x| is the root of u³ − w·u² + c = 0 (Zhang & Xin); the textbook |x| = u − a
+        # cancels to an error ~eps·a (wrong sign near the threshold, 10 % off in float32), while
+        # the stationarity |x| = |y| − c/u² keeps it ~eps·|y|.
+        u = w * (2 * torch.cos(phi / 3) + 1) / 3
+        mag = (ay - c / u.square()).clamp_min(0)
         return torch.where(ay > self.threshold(step), torch.sign(y) * mag, 0.0)
