@@ -403,6 +403,10 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     p = Path(path)
     tensors, meta, sha = _read_safetensors(p, "checkpoint", map_location)
     missing = [k for k in _REQUIRED if k not in meta]
+    if missing and p.name.endswith(_STATE_SUFFIX):
+        model = p.with_name(p.name[: -len(_STATE_SUFFIX)] + ".safetensors")
+        raise CheckpointError(f"{p} is the training state of a run (what --resume reads), not a model; "
+                              f"pass {model}")
     if missing:
         raise CheckpointError(
             f"{p} lacks slim.{', slim.'.join(missing)} metadata, so it cannot be rebuilt; re-create it"

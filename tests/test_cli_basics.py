@@ -162,3 +162,39 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], args: list[str]
     assert captured.out == "" and "Error" in captured.err and "Traceback" not in captured.err
     if args == ["list", "datset"]:
         assert "Did you mean 'datasets'?" in captured.err
+
+
+def _bad_checkpoint(tmp_path: Path, kind: str) -> tuple[Path, str]:
+    """A path a user might wrongly pass as CKPT, and what its error must say."""
+    if kind == "folder":
+        (tmp_path / "run").mkdir()
+        return tmp_path / "run", "is a folder, not a checkpoint; pass a .safetensors file"
+    if kind == "pth":
+        import torch
+
+        torch.save({"w": torch.zeros(2)}, tmp_path / "model.pth")
+        return tmp_path / "model.pth", "slim never unpickles files"
+    if kind == "random":
+        (tmp_path / "x.safetensors").write_bytes(os.urandom(4096))
+        return tmp_path / "x.safetensors", "is not a safetensors file"
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"step": torch.zeros(1)}, str(tmp_path / "last.state.safetensors"),
+              metadata={"slim.format": "1"})
+    return tmp_path / "last.state.safetensors", f"not a model; pass {tmp_path / 'last.safetensors'}"
+
+
+@pytest.mark.parametrize("kind", ["folder", "pth", "random", "state"])
+@pytest.mark.parametrize("command", ["inspect", "prune", "export"])
+def test_bad_checkpoints_are_one_line_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                            command: str, kind: str) -> None:
+    path, needle = _bad_checkpoint(tmp_path, kind)
+    extra = {"inspect": [], "prune": ["--ratio", "0.5"], "export": [str(tmp_path / "m.onnx")]}[command]
+    with pytest.raises(SystemExit) as info:
+        main([command, str(path), *extra])
+    captured = capsys.readouterr()
+    assert info.value.code == 1 and captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert lines[-1].startswith("Error: ") and needle in lines[-1], captured.err
+    assert not any(line.startswith("Error") for line in lines[:-1]) and "Traceback" not in captured.err

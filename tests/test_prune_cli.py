@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -107,6 +108,9 @@ def test_ratio_uses_the_paper_threshold_and_writes_a_loadable_slim_checkpoint(
     ckpt, dense = _ckpt(tmp_path / "best.safetensors")
     sha_in = file_sha256(ckpt)
     res = _json([ "prune", str(ckpt), "--ratio", "0.4"], capsys)
+    text_out = str(tmp_path / "t.safetensors")
+    code, stdout, _ = run_cli(["prune", str(ckpt), "--ratio", "0.4", "--out", text_out], capsys)
+    assert code == 0 and re.search(r"┃\s+of ┃\n", stdout), stdout  # no empty "note" column
 
     threshold = _paper_threshold(dense, 0.4)
     assert res["prune"]["threshold"] == pytest.approx(threshold)
@@ -183,6 +187,7 @@ def test_min_channels_keeps_a_layer_the_rule_empties_and_says_so(
     code, stdout, stderr = run_cli(["prune", str(ckpt), "--ratio", "0.3"], capsys)
     assert code == 0, stderr
     assert "kept 1 of 32 channels of features.26 (min-channels; the rule alone kept 0)" in stdout
+    assert re.search(r"┃\s+of ┃ note\s+┃", stdout) and re.search(r"32 │ min-channels", stdout), stdout
     assert load_checkpoint(tmp_path / "a-pruned.safetensors").widths["features.26"] == 1
 
     res = _json(["prune", str(ckpt), "--ratio", "0.3", "--min-channels", "3", "--out",

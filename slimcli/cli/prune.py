@@ -98,14 +98,16 @@ def _render(r: PruneResult) -> None:
 
     layers = [x for x in r.report.layers if x.prunable]
     if len(layers) <= _TABLE_ROWS:
+        notes = ["min-channels" if x.min_channels_bit else ("selection" if x.needs_selection else "")
+                 for x in layers]
         widths = Table(title="per-layer widths", title_justify="left")
         widths.add_column("BatchNorm")
         widths.add_column("kept", justify="right")
         widths.add_column("of", justify="right")
-        widths.add_column("")
-        for x in layers:
-            note = "min-channels" if x.min_channels_bit else ("selection" if x.needs_selection else "")
-            widths.add_row(x.name, str(x.kept), str(x.channels), note)
+        if any(notes):  # no empty column when there is nothing to say
+            widths.add_column("note")
+        for x, note in zip(layers, notes, strict=True):
+            widths.add_row(x.name, str(x.kept), str(x.channels), *([note] if any(notes) else []))
         out.print(widths)
     else:
         out.print(f"per-layer widths (kept/of), {len(layers)} layers:", highlight=False)

@@ -252,7 +252,7 @@ def prune_checkpoint(
     if eval and not ckpt.meta.get("dataset"):
         raise DataError(f"{source} records no dataset, so --eval cannot know what to test on; drop --eval")
 
-    say(f"pruning {source} ({ckpt.arch}, stage {ckpt.stage or '?'}) with {rule} {value:g}")
+    say(f"pruning {source} ({ckpt.arch}, stage {ckpt.stage or '?'}) with {rule.replace('_', '-')} {value:g}")
     plan = compute_keep(model, rule, value, min_channels, input_shape=shape)
     slim, report = prune_model(model, plan, input_shape=shape, fold_shift=fold_shift)
     slim.eval()

@@ -166,7 +166,7 @@ def _check_masks(analysis: Analysis, masks: Mapping[str, Tensor]) -> dict[str, T
         keep[name] = mask.nonzero().reshape(-1)
     if emptied:
         raise PruneError(f"pruning would remove every channel of {', '.join(emptied)}; use a smaller "
-                         f"ratio or threshold, or min_channels >= 1")
+                         f"ratio or threshold, or min_channels >= 1 (--min-channels 1)")
     return keep
 
 
