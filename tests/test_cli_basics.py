@@ -198,3 +198,16 @@ def test_bad_checkpoints_are_one_line_errors(capsys: pytest.CaptureFixture[str],
     lines = captured.err.strip().splitlines()
     assert lines[-1].startswith("Error: ") and needle in lines[-1], captured.err
     assert not any(line.startswith("Error") for line in lines[:-1]) and "Traceback" not in captured.err
+
+
+def test_help_lists_every_command_without_truncation(capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    commands = out.split("Commands:")[1].strip().splitlines()
+    assert [line.split()[0] for line in commands] == [
+        "demo", "export", "finetune", "inspect", "list", "prune", "sparsify-train"]
+    assert all(line.rstrip().endswith(".") and not line.rstrip().endswith("...") for line in commands), out

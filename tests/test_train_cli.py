@@ -56,6 +56,7 @@ def test_sparsify_train_then_finetune(capsys: pytest.CaptureFixture[str], tmp_pa
                           "--batch-size", "32", "--device", "cpu", "--out", str(ft), "--quiet")
     assert code == 0, err
     assert "for 1 epoch: no penalty," in err  # not a meaningless "λ=0.0001"
+    assert f"next: slim export {ft / 'best.safetensors'} model.onnx" in out
     meta = load_checkpoint(ft / "last.safetensors").meta
     assert meta["stage"] == "finetuned" and meta["train"]["penalty"] == "none" and meta["dataset"] == DATA
     assert meta["lineage"][-1]["command"].startswith("slim finetune")

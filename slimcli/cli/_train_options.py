@@ -152,3 +152,6 @@ def render_result(r: TrainResult) -> None:
     if r.stage == "sparsify":
         out.print(f"next: slim inspect {r.run_dir / 'best.safetensors'}  |  "
                   f"slim prune {r.run_dir / 'best.safetensors'} --ratio 0.5", markup=False, highlight=False)
+    else:
+        out.print(f"next: slim export {r.run_dir / 'best.safetensors'} model.onnx",
+                  markup=False, highlight=False)

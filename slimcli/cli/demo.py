@@ -81,7 +81,7 @@ def _render(r: DemoResult) -> None:
          f"summary.json); {r.seconds.get('total', 0):.0f} s in all")
 
 
-@app.command("demo")
+@app.command("demo", short_help="The whole chain on embedded data, about a minute.")
 def demo(
     out_dir: Annotated[Path | None, typer.Option(
         "--out", show_default=False, help="Folder for every artefact [default: runs/demo-<time>].")] = None,
@@ -99,7 +99,7 @@ def demo(
     fast: Annotated[bool, typer.Option(
         "--fast", hidden=True, help="A seconds-long chain on a tiny model (for tests).")] = False,
 ) -> None:
-    """The whole chain on the embedded fashion-mini dataset in about three minutes on a laptop CPU.
+    """The whole chain on the embedded fashion-mini dataset, in about a minute on a laptop CPU.
 
     Trains a narrow VGG-11 with the Tℓ1 penalty, inspects and prunes it, fine-tunes, exports
     ONNX and checks it in onnxruntime; ends with one table of params, FLOPs, ONNX size,

@@ -67,7 +67,7 @@ def render_report(report: ExportReport) -> Table:
     return table
 
 
-@app.command("export")
+@app.command("export", short_help="Write a verified ONNX model of a checkpoint.")
 def export(
     ckpt: Path = typer.Argument(..., metavar="CKPT", help="Checkpoint (.safetensors) to export."),
     onnx_out: Path = typer.Argument(..., metavar="OUT.onnx", callback=_onnx_path, help="ONNX file to write."),

@@ -14,7 +14,7 @@ from slimcli.train import TrainConfig
 from slimcli.train.config import parse_milestones
 
 
-@app.command("finetune")
+@app.command("finetune", short_help="Retrain a (pruned) checkpoint, no penalty by default.")
 def finetune(
     ctx: typer.Context,
     ckpt: Annotated[Path | None, typer.Argument(

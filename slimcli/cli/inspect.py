@@ -378,7 +378,7 @@ def save_plot(doc: dict[str, Any], path: Path) -> None:
 # the command
 
 
-@app.command("inspect")
+@app.command("inspect", short_help="Show γ histogram, per-layer and what-if tables.")
 def inspect(
     ckpt: Annotated[Path, typer.Argument(metavar="CKPT", help="Checkpoint (.safetensors) to inspect.")],
     ratio: Annotated[float, typer.Option(

@@ -34,7 +34,7 @@ def _option_text(o: dict) -> str:
     return f"{text} ({detail})"
 
 
-@app.command("list")
+@app.command("list", short_help="List penalties, archs and datasets with options.")
 def list_plugins(
     kind: str | None = typer.Argument(
         None, callback=_kind, metavar="KIND", help="Only this kind: penalties, archs or datasets."

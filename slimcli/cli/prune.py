@@ -136,7 +136,7 @@ def _render(r: PruneResult) -> None:
     out.print(f"next: slim finetune {r.out}", markup=False, highlight=False)
 
 
-@app.command("prune")
+@app.command("prune", short_help="Cut channels with small |γ|, write a slim checkpoint.")
 def prune(
     ckpt: Annotated[Path | None, typer.Argument(
         metavar="CKPT", help="Checkpoint to prune [default: the newest under ./runs].",

@@ -10,7 +10,7 @@ from slimcli.train import TrainConfig
 from slimcli.train.config import parse_milestones
 
 
-@app.command("sparsify-train")
+@app.command("sparsify-train", short_help="Train with a sparsity penalty on BN scales γ.")
 def sparsify_train(
     ctx: typer.Context,
     arch: o.ArchOpt = "vgg19",
