@@ -358,6 +358,19 @@ def test_missing_files_offline(name: str, folder: str, files: list[str], tmp_pat
         assert f in message
 
 
+@pytest.mark.parametrize(("name", "into"), [("mnist", "mnist"), ("cifar10", "")])
+def test_download_hint_names_one_folder_plainly(name: str, into: str, tmp_path: Path) -> None:
+    # one place to put the files: "into X", not "into one of X"; several: "into one of X, Y"
+    cache = tmp_path / "home" / ".cache" / "slim"
+    single = str(cache / into) if into else str(cache)
+    with pytest.raises(DataError) as info:
+        create_dataset(name).load("test")
+    assert f"into {single}" in str(info.value) and "one of" not in str(info.value).split("Download")[1]
+    with pytest.raises(DataError) as info:
+        create_dataset(name).load("test", tmp_path / "mine")
+    assert f"into one of {tmp_path / 'mine' / into if into else tmp_path / 'mine'}, " in str(info.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # downloads, served from memory
 # ---------------------------------------------------------------------------------------------

@@ -94,3 +94,9 @@ def offline() -> bool:
 def show(paths: Iterable[Path]) -> str:
     """Paths for a one-line error message."""
     return ", ".join(str(p) for p in paths)
+
+
+def one_of(paths: Iterable[Path]) -> str:
+    """``X`` for one folder, ``one of X, Y`` for several (where to put downloaded files)."""
+    listed = list(paths)
+    return show(listed) if len(listed) == 1 else f"one of {show(listed)}"

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from slimcli.data import Dataset
 from slimcli.data._download import download_file, extract_tar
-from slimcli.data._paths import candidate_dirs, download_root, find_dir, show, user_roots
+from slimcli.data._paths import candidate_dirs, download_root, find_dir, one_of, show, user_roots
 from slimcli.errors import DataError
 from slimcli.registry import register_dataset
 
@@ -132,7 +132,7 @@ class _Cifar(Dataset):
         archive = self.url.rsplit("/", 1)[-1]
         files = ", ".join(need)
         hint = (
-            f"Download {self.url} and extract it into one of {show(roots)} "
+            f"Download {self.url} and extract it into {one_of(roots)} "
             f"(it makes {self.folder}/ with {files}), or pass --data-dir DIR"
         )
         missing = f"{self.name}: {files} not found in any of {show(candidate_dirs(roots, (self.folder,)))}"

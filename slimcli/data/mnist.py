@@ -22,7 +22,7 @@ from torch import Tensor
 
 from slimcli.data import Dataset
 from slimcli.data._download import download_file
-from slimcli.data._paths import candidate_dirs, download_root, find_dir, show, user_roots
+from slimcli.data._paths import candidate_dirs, download_root, find_dir, one_of, show, user_roots
 from slimcli.errors import DataError
 from slimcli.registry import register_dataset
 
@@ -125,8 +125,8 @@ class _Idx(Dataset):
     def _fetch(self, roots: list[Path], dirs: list[Path], stems: tuple[str, ...]) -> Path:
         files = ", ".join(s + ".gz" for s in stems)
         hint = (
-            f"Download {files} from {self.base_url} into one of "
-            f"{show(r / self.folders[0] for r in roots)}, or pass --data-dir DIR"
+            f"Download {files} from {self.base_url} into "
+            f"{one_of(r / self.folders[0] for r in roots)}, or pass --data-dir DIR"
         )
         missing = f"{self.name}: {files} not found in any of {show(dirs)}"
         target = download_root(roots, missing, hint)
