@@ -211,3 +211,17 @@ def test_help_lists_every_command_without_truncation(capsys: pytest.CaptureFixtu
     assert [line.split()[0] for line in commands] == [
         "demo", "export", "finetune", "inspect", "list", "prune", "sparsify-train"]
     assert all(line.rstrip().endswith(".") and not line.rstrip().endswith("...") for line in commands), out
+
+
+def test_list_table_explains_each_option(capsys: pytest.CaptureFixture[str],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from slimcli.cli._common import out
+
+    monkeypatch.setattr(out, "_width", 400)  # no wrapping: each help text on one line
+    with pytest.raises(SystemExit) as info:
+        main(["list"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    helps = [o["help"] for registry in REGISTRIES.values() for p in registry for o in p.as_dict()["options"]]
+    assert helps and all(h in text for h in helps if h)
+    assert "none = lam, which reproduces the reference code" in text  # why scad/mcp act on |γ| ≤ a·λ only

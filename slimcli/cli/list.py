@@ -6,7 +6,10 @@ import difflib
 import json
 
 import typer
+from rich.console import Group
+from rich.padding import Padding
 from rich.table import Table
+from rich.text import Text
 
 from slimcli.cli._common import out
 from slimcli.cli.app import app
@@ -28,10 +31,15 @@ def _kind(value: str | None) -> str | None:
     raise typer.BadParameter(f"unknown kind '{value}'.{hint} Choose penalties, archs or datasets")
 
 
-def _option_text(o: dict) -> str:
-    text = f"{o['name']}={o['default']}"
-    detail = o["rule"] or (" | ".join(map(str, o["choices"])) if o["choices"] else o["type"])
-    return f"{text} ({detail})"
+def _options_cell(options: list[dict]) -> Group | str:
+    """Each option as ``name=default (rule)`` with what it does indented under it."""
+    lines: list[Text | Padding] = []
+    for o in options:
+        detail = o["rule"] or (" | ".join(map(str, o["choices"])) if o["choices"] else o["type"])
+        lines.append(Text(f"{o['name']}={o['default']} ({detail})"))
+        if o.get("help"):  # e.g. that scad's default θ = λ acts on |γ| ≤ a·λ only
+            lines.append(Padding(Text(o["help"], style="dim"), (0, 0, 0, 2)))
+    return Group(*lines) if lines else "-"
 
 
 @app.command("list", short_help="List penalties, archs and datasets with options.")
@@ -54,7 +62,7 @@ def list_plugins(
         table.add_column("options (default, valid range)")
         table.add_column("description")
         for p in data[k]:
-            opts = "\n".join(_option_text(o) for o in p["options"]) or "-"
+            opts = _options_cell(p["options"])
             aliases = f"\naliases: {', '.join(p['aliases'])}" if p["aliases"] else ""
             table.add_row(p["name"], opts, p["description"] + aliases)
         out.print(table)
