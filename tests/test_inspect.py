@@ -317,6 +317,20 @@ def test_human_output_reads_in_100_columns(tmp_path: Path, capsys: pytest.Captur
         assert any(line.lstrip("│ ").startswith(f"{row['ratio']:g}") for line in lines), row["ratio"]
 
 
+def test_training_row_of_a_finetuned_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from slimcli.cli._common import out
+
+    train = {"penalty": "none", "lam": 1e-4, "update": "subgradient", "epochs": 3, "seed": 0}
+    model = create_arch(VGG, 10, SHAPE)
+    path = _save(tmp_path / "ft.safetensors", model, VGG, stage="finetuned", train=train)
+    monkeypatch.setattr(out, "_width", 200)
+    code, stdout, stderr = run_cli(["inspect", str(path)], capsys)
+    assert code == 0, stderr
+    row = next(line for line in stdout.splitlines() if "│ training" in line)
+    assert "no penalty, epochs 3, seed 0" in row and "λ" not in row  # no meaningless λ without a penalty
+
+
 def test_plot_is_a_png_and_json_stays_clean(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("matplotlib")
     path = _save(tmp_path / "v.safetensors", _random_gammas(create_arch(VGG, 10, SHAPE)), VGG)

@@ -60,9 +60,12 @@ def _bar(count: int, top: int, width: int) -> str:
 
 
 def _train_text(train: dict[str, Any]) -> str:
-    parts = []
+    unpenalized = train.get("penalty") == "none"
+    parts = ["no penalty"] if unpenalized else []
     for key, label in (("penalty", "penalty"), ("lam", "λ"), ("update", "update"), ("epochs", "epochs"),
                        ("seed", "seed"), ("device", "device"), ("amp", "amp")):
+        if unpenalized and key in ("penalty", "lam", "update"):  # λ and the update rule mean nothing then
+            continue
         if train.get(key) is not None:
             parts.append(f"{label} {train[key]}")
     return ", ".join(parts)
