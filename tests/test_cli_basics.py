@@ -225,3 +225,17 @@ def test_list_table_explains_each_option(capsys: pytest.CaptureFixture[str],
     helps = [o["help"] for registry in REGISTRIES.values() for p in registry for o in p.as_dict()["options"]]
     assert helps and all(h in text for h in helps if h)
     assert "none = lam, which reproduces the reference code" in text  # why scad/mcp act on |γ| ≤ a·λ only
+
+
+def test_plugin_warning_is_one_plain_line(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('needs libfoo')\n")
+    env = {**os.environ, "SLIM_PLUGINS": str(broken)}
+    env.pop("SLIM_DEBUG", None)
+    cmd = [sys.executable, "-m", "slimcli", "list", "penalties", "--json"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0 and json.loads(res.stdout)  # stdout stays pure JSON
+    assert res.stderr.splitlines() == [
+        f"warning: plugin file {broken} failed to load and is skipped (RuntimeError: needs libfoo)"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**env, "SLIM_DEBUG": "1"}, timeout=120)
+    assert "UserWarning: slim: plugin file" in res.stderr  # SLIM_DEBUG: Python's form, with file and line

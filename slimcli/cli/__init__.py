@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
+from typing import TextIO
 
 from slimcli.checkpoint import set_command_line
 from slimcli.cli import demo as _demo  # noqa: F401  (registers the command)
@@ -21,12 +23,28 @@ from slimcli.cli.app import app
 from slimcli.errors import SlimError
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: TextIO | None = None, line: str | None = None) -> None:
+    """slim's own warnings ("slim: …") as one plain line; others as Python shows them."""
+    text = str(message)
+    if text.startswith("slim: "):
+        print(f"warning: {text.removeprefix('slim: ')}", file=file or sys.stderr)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``slim`` console script."""
     debug = os.environ.get("SLIM_DEBUG", "").strip() not in ("", "0")
     set_command_line(sys.argv[1:] if argv is None else argv)
     try:
-        app(args=argv, prog_name="slim")
+        with warnings.catch_warnings():  # restores showwarning when main() is called in-process
+            if not debug:  # SLIM_DEBUG keeps Python's file:line form
+                warnings.showwarning = _show_warning
+            app(args=argv, prog_name="slim")
     except SlimError as exc:
         if debug:
             raise
