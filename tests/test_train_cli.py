@@ -161,3 +161,17 @@ def test_finetune_interrupted_then_resumed(capsys: pytest.CaptureFixture[str], t
     # a finished run resumed again: nothing to do, the summary once more
     code, out, _ = slim(capsys, "finetune", "--resume", str(ft), "--quiet")
     assert code == 0 and "finetuned run" in out
+
+
+def test_zero_epochs_lists_only_the_files_written(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from slimcli.cli._common import out as console
+
+    monkeypatch.setattr(console, "_width", 200)
+    run = tmp_path / "r0"
+    code, out, err = slim(capsys, *small(run, "--threads", "1", "--epochs", "0"))  # the last --epochs wins
+    assert code == 0, err
+    row = next(line for line in out.splitlines() if "│ files" in line)
+    written = sorted(p.name for p in run.iterdir())
+    assert "best.safetensors" in row and "last.safetensors (+ .state)" in row
+    assert ("metrics.jsonl" in row) == ("metrics.jsonl" in written)

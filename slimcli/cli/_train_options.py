@@ -147,7 +147,9 @@ def render_result(r: TrainResult) -> None:
     elif r.best_acc >= 0:
         table.add_row("test accuracy", f"{r.best_acc:.2%}")
     table.add_row("time", f"{r.seconds:.1f} s")
-    table.add_row("files", "best.safetensors, last.safetensors (+ .state), metrics.jsonl")
+    files = {"best.safetensors": "best.safetensors", "last.safetensors": "last.safetensors (+ .state)",
+             "metrics.jsonl": "metrics.jsonl"}  # --epochs 0 writes no metrics line
+    table.add_row("files", ", ".join(text for name, text in files.items() if (r.run_dir / name).exists()))
     out.print(table)
     if r.stage == "sparsify":
         out.print(f"next: slim inspect {r.run_dir / 'best.safetensors'}  |  "
