@@ -68,6 +68,9 @@ def test_sparsify_train_then_finetune(capsys: pytest.CaptureFixture[str], tmp_pa
     # --resume takes the saved options; others are refused
     code, _, err = slim(capsys, "sparsify-train", "--resume", str(run), "--lr", "0.5")
     assert code == 2 and "--lr" in err and "saved options" in err
+    # a checkpoint file instead of its run folder: the folder to pass
+    code, _, err = slim(capsys, "sparsify-train", "--resume", str(run / "best.safetensors"))
+    assert code == 2 and err.strip().endswith(f"pass the run folder that holds it: --resume {run}"), err
     code, out, err = slim(capsys, "sparsify-train", "--resume", str(run), "--quiet", "--device", "cpu")
     assert code == 0 and "epochs" in out  # already complete: nothing to do, summary again
     code, _, err = slim(capsys, "finetune", "--device", "cpu")

@@ -56,6 +56,9 @@ def bn_scales(model: nn.Module) -> list[Tensor]:
 def _resumed_config(config: TrainConfig) -> tuple[TrainConfig, Path, Any, tuple[dict, dict]]:
     """The saved config of ``--resume RUN_DIR``; only where-to-run options may change."""
     run_dir = Path(config.resume)  # type: ignore[arg-type]
+    if run_dir.is_file():
+        raise UsageError(f"--resume {run_dir} is a file; pass the run folder that holds it: "
+                         f"--resume {run_dir.parent}")
     if not (run_dir / LAST).is_file():
         raise UsageError(
             f"--resume {run_dir}: no {LAST} there (nothing to resume); pass the folder of a run "
