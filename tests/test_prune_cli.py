@@ -455,3 +455,13 @@ def test_library_checks_rules_before_loading(tmp_path: Path) -> None:
         with pytest.raises(UsageError):
             pc.prune_checkpoint(missing, rule, value)
     assert pc.default_out(Path("runs/x/best.safetensors")) == Path("runs/x/best-pruned.safetensors")
+
+
+def test_unreachable_target_names_the_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt, _ = _ckpt(tmp_path / "a.safetensors")
+    argv = ["prune", str(ckpt), "--target-params", "1e-6", "--min-channels", "2"]
+    code, stdout, stderr = run_cli(argv, capsys)
+    last = stderr.strip().splitlines()[-1]
+    assert code == 1 and stdout == "" and last.startswith("Error: cannot keep only 1e-06 of the parameters")
+    assert "(--min-channels 2)" in last and "ask for a larger fraction" in last
+    assert not (tmp_path / "a-pruned.safetensors").exists()

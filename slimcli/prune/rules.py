@@ -236,7 +236,7 @@ def _search_target(
         smallest = kept_at(last) / dense if dense else 0.0
         raise PruneError(
             f"cannot keep only {fraction:g} of the {'parameters' if rule == 'target_params' else 'FLOPs'}: "
-            f"the smallest model the rule can build (min_channels={min_channels}) keeps {smallest:.4f}; "
+            f"the smallest model the rule can build (--min-channels {min_channels}) keeps {smallest:.4f}; "
             f"ask for a larger fraction"
         )
     lo, hi = -1, last  # invariant: kept_at(hi) <= budget; the answer is the smallest such index
