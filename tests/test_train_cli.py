@@ -93,6 +93,7 @@ def test_sparsify_train_then_finetune(capsys: pytest.CaptureFixture[str], tmp_pa
         (["--milestones", "0.5,2"], "fractions of the epochs"),
         (["--amp", "fp8"], "--amp"),
         (["--update", "adam"], "--update"),
+        (["--seed", str(2**64)], "torch's seed range"),
     ],
 )
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path, args: list[str],

@@ -48,6 +48,13 @@ def _non_negative(value: float) -> float:
     return value
 
 
+def _seed(value: int) -> int:
+    # torch.manual_seed takes [-2^63, 2^64); the augmentation generator is seeded with seed + 1
+    if not -(2**63) <= value <= 2**64 - 2:
+        raise typer.BadParameter(f"must be an integer from -2^63 to 2^64-2 (torch's seed range), got {value}")
+    return value
+
+
 def _milestones(value: str) -> str:
     try:
         TrainConfig(milestones=parse_milestones(value)).validate()
@@ -79,7 +86,8 @@ WdOpt = Annotated[float, _opt("--weight-decay", help="L2 weight decay (also on �
 MilestonesOpt = Annotated[str, _opt("--milestones", help="Fractions of the epochs where lr drops ÷10.",
                                     callback=_milestones)]
 GammaInitOpt = Annotated[float, _opt("--gamma-init", help="Initial value of every BN scale γ.")]
-SeedOpt = Annotated[int, _opt("--seed", help="Seed of weight init, shuffling and augmentation.")]
+SeedOpt = Annotated[int, _opt("--seed", help="Seed of weight init, shuffling and augmentation.",
+                              callback=_seed)]
 DeviceOpt = Annotated[str, _opt("--device", help="auto (CUDA if present), cpu, cuda or cuda:N.",
                                 callback=device_callback)]
 AmpOpt = Annotated[Amp, _opt("--amp", help="Mixed precision: auto = bf16 on CUDA, off on CPU.")]
