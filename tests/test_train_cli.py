@@ -179,3 +179,29 @@ def test_zero_epochs_lists_only_the_files_written(capsys: pytest.CaptureFixture[
     written = sorted(p.name for p in run.iterdir())
     assert "best.safetensors" in row and "last.safetensors (+ .state)" in row
     assert ("metrics.jsonl" in row) == ("metrics.jsonl" in written)
+
+
+@pytest.mark.parametrize("failure", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 2304000000000 bytes. Error code 12 (Cannot allocate memory)"),
+    MemoryError(),
+])
+def test_a_model_too_big_for_memory_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                failure: BaseException) -> None:
+    from slimcli.registry import ARCHS, register_arch
+
+    @register_arch("test-huge")
+    class Huge(torch.nn.Module):
+        """Fails in its constructor as torch does when the weights do not fit in memory."""
+
+        def __init__(self, num_classes: int, input_shape: tuple[int, int, int]) -> None:
+            raise failure
+
+    try:
+        code, out, err = slim(capsys, *small(tmp_path / "r", "--arch", "test-huge"))
+    finally:
+        ARCHS.unregister("test-huge")
+    assert code == 1 and out == "" and len(err.strip().splitlines()) == 1
+    assert err.startswith("Error: not enough memory to build test-huge")
+    assert "choose a smaller width or depth" in err
+    assert ("2,145.8 GiB" in err) == isinstance(failure, RuntimeError)

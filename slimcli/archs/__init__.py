@@ -17,12 +17,13 @@ The public entry point is :func:`create_arch`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
-from slimcli.errors import UsageError
+from slimcli.errors import SlimError, UsageError
 from slimcli.registry import ARCHS, Spec
 
 #: γ of every BatchNorm at construction (network slimming starts from 0.5, not 1).
@@ -96,7 +97,16 @@ def create_arch(
     parsed = ARCHS.parse(spec)
     check_num_classes(parsed.name, num_classes)
     shape = check_input_shape(parsed.name, input_shape)
-    return parsed.info.cls(num_classes, shape, **parsed.options)
+    try:
+        return parsed.info.cls(num_classes, shape, **parsed.options)
+    except (MemoryError, RuntimeError) as exc:
+        # e.g. vgg19:width=100 (meant as 100 %): torch's CPU allocator fails with a RuntimeError
+        if isinstance(exc, RuntimeError) and "allocate" not in str(exc):
+            raise
+        size = re.search(r"allocate (\d+) bytes", str(exc))
+        need = f" (one of its tensors alone needs {int(size[1]) / 2**30:,.1f} GiB)" if size else ""
+        raise SlimError(f"not enough memory to build {parsed}{need}; choose a smaller width or depth "
+                        f"(slim list archs)") from None
 
 
 __all__ = [
