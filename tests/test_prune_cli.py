@@ -235,6 +235,15 @@ def test_newest_checkpoint_under_runs_is_the_default(
     assert written.is_file() and str(Path("runs/b/new/last-pruned.safetensors")) in stdout
     assert load_checkpoint(written).lineage[-1]["parent"] == file_sha256(new)
 
+    # a second run does not prune its own (newer) output, and prefers the run's best over its last
+    best, _ = _ckpt(tmp_path / "runs" / "b" / "new" / "best.safetensors", _model(seed=2))
+    os.utime(best, (1_500_000, 1_500_000))
+    again = ["prune", "--ratio", "0.5", "--out", str(tmp_path / "again.safetensors")]
+    code, _, stderr = run_cli(again, capsys)
+    assert code == 0, stderr
+    assert str(Path("runs/b/new/best.safetensors")) in stderr
+    assert load_checkpoint(tmp_path / "again.safetensors").lineage[-1]["parent"] == file_sha256(best)
+
 
 # ----------------------------------------------------------------------------------------------
 # --eval and --export

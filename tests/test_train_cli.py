@@ -165,6 +165,9 @@ def test_finetune_interrupted_then_resumed(capsys: pytest.CaptureFixture[str], t
     # a finished run resumed again: nothing to do, the summary once more
     code, out, _ = slim(capsys, "finetune", "--resume", str(ft), "--quiet")
     assert code == 0 and "finetuned run" in out
+    # the other command is refused, naming the right one
+    code, _, err = slim(capsys, "sparsify-train", "--resume", str(ft), "--quiet")
+    assert code == 2 and f"resume it with: slim finetune --resume {ft}" in err
 
 
 def test_zero_epochs_lists_only_the_files_written(capsys: pytest.CaptureFixture[str], tmp_path: Path,

@@ -128,17 +128,25 @@ def default_out(ckpt_path: str | os.PathLike[str]) -> Path:
 
 
 def newest_checkpoint(root: str | os.PathLike[str] = "runs") -> Path:
-    """The most recently modified checkpoint under ``root`` (training-state files and
-    temporary files excluded); a :class:`UsageError` when there is none."""
+    """The checkpoint ``slim prune`` takes when none is given: the newest training checkpoint
+    under ``root``, preferring its run's ``best.safetensors`` over ``last.safetensors``.
+
+    Training-state files, temporary files and prune outputs (``*-pruned.safetensors``) are
+    skipped, so running ``slim prune`` twice does not prune its own output. A
+    :class:`UsageError` when there is none.
+    """
     base = Path(root)
     found = [
         p for p in base.rglob(f"*{SUFFIX}")
         if p.is_file() and not p.name.endswith(_STATE_SUFFIX) and not p.name.startswith(".")
+        and not p.name.endswith(f"-pruned{SUFFIX}")
     ] if base.is_dir() else []
     if not found:
         raise UsageError(f"no checkpoint given and none found under ./{base.as_posix()}; pass CKPT "
                          f"(a .safetensors file written by slim sparsify-train or finetune)")
-    return max(found, key=lambda p: (p.stat().st_mtime_ns, str(p)))
+    newest = max(found, key=lambda p: (p.stat().st_mtime_ns, str(p)))
+    best = newest.with_name("best" + SUFFIX)
+    return best if newest.name == "last" + SUFFIX and best.is_file() else newest
 
 
 def _check_out(source: Path, out: Path) -> None:

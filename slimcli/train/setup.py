@@ -67,6 +67,11 @@ def _resumed_config(config: TrainConfig) -> tuple[TrainConfig, Path, Any, tuple[
     tensors, smeta = load_state(run_dir / LAST)
     ckpt = load_checkpoint(run_dir / LAST)
     saved = TrainConfig.from_json(smeta["config"])
+    if saved.stage != config.stage:
+        right = "finetune" if saved.stage == "finetuned" else "sparsify-train"
+        raise UsageError(
+            f"{run_dir} is a 'slim {right}' run; resume it with: slim {right} --resume {run_dir}"
+        )
     saved = dataclasses.replace(
         saved, resume=str(run_dir), out=str(run_dir), device=config.device, quiet=config.quiet,
         data_dir=config.data_dir or saved.data_dir, threads=config.threads or saved.threads,
