@@ -44,15 +44,6 @@ def _progress() -> Progress:
     )
 
 
-def md5_of(path: Path) -> str:
-    """Hex md5 of a file (the checksum the dataset authors publish)."""
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download_file(url: str, dest: Path, md5: str, *, hint: str) -> Path:
     """Fetch ``url`` to ``dest`` if its md5 matches; ``hint`` (where to put the file by hand) ends errors."""
     dest.parent.mkdir(parents=True, exist_ok=True)
