@@ -622,6 +622,8 @@ def sample_inputs(
     a missing dataset is a :class:`DataError`.
     """
     from slimcli.data import create_dataset
+    from slimcli.evaluate import normalization_of
+    from slimcli.train.augment import Normalizer
 
     meta = _meta_of(ckpt)
     spec = meta.get("dataset")
@@ -638,10 +640,8 @@ def sample_inputs(
             f"dataset {spec} has images of shape {tuple(images.shape[1:])}, the model wants {expected}"
         )
     idx = torch.linspace(0, len(images) - 1, steps=min(n, len(images))).round().long()
-    norm = meta.get("normalization") or {}
-    mean = torch.tensor(list(norm.get("mean") or dataset.mean), dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(list(norm.get("std") or dataset.std), dtype=torch.float32).view(1, -1, 1, 1)
-    return (images[idx].to(torch.float32) / 255.0 - mean) / std
+    mean, std = normalization_of(meta) or (dataset.mean, dataset.std)
+    return Normalizer(mean, std, torch.device("cpu"))(images[idx])  # the training arithmetic itself
 
 
 def export_checkpoint(
