@@ -211,12 +211,13 @@ def run_demo(
     # 2. inspect: how sparse did γ get, what would each ratio do --------------------------------
     t0 = time.perf_counter()
     say("2/6 inspect: |γ| distribution and the what-if table")
-    doc = inspect_checkpoint(dense_path, ratios=[0.3, 0.5, 0.6, 0.7, 0.8, 0.9])
+    dense_ckpt = load_checkpoint(dense_path)  # read once: inspect and export use it too
+    doc = inspect_checkpoint(dense_ckpt, ratios=[0.3, 0.5, 0.6, 0.7, 0.8, 0.9])
     gamma = doc["gamma"]
     below = {k: int(v) for k, v in gamma["below"].items()}
     dead = below.get(f"{settings.dead_below:g}")
     if dead is None:  # a cut-off inspect does not report: count it here
-        model = build_model(load_checkpoint(dense_path))
+        model = build_model(dense_ckpt)
         dead = sum(int((m.weight.detach().abs() < settings.dead_below).sum()) for m in model.modules()
                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.weight is not None)
     count = int(gamma["count"])
@@ -263,7 +264,7 @@ def run_demo(
     # 5. export the dense and the fine-tuned model (the pruned one was exported by prune) --------
     t0 = time.perf_counter()
     say("5/6 export: ONNX of the dense and the fine-tuned model, checked against PyTorch")
-    dense_ckpt, final_ckpt = load_checkpoint(dense_path), load_checkpoint(finetuned_path)
+    final_ckpt = load_checkpoint(finetuned_path)
     dense_onnx = export_checkpoint(dense_ckpt, root / "dense.onnx", **export_opts)
     final_onnx = export_checkpoint(final_ckpt, root / "model.onnx", **export_opts)
     lap("export", t0)
