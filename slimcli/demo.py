@@ -142,16 +142,16 @@ def _onnx_accuracy(path: Path, images: torch.Tensor, labels: torch.Tensor, model
     import onnxruntime as ort
 
     from slimcli.export import INPUT_NAME, OUTPUT_NAME
+    from slimcli.train.augment import Normalizer
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
+    normalize = Normalizer(mean, std, torch.device("cpu"))  # the arithmetic training used
     correct = differ = 0
     model.eval()
     for i in range(0, len(labels), 500):
-        x = (images[i : i + 500].to(torch.float32) / 255.0 - m) / s
+        x = normalize(images[i : i + 500])
         got = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]).argmax(1)
         with torch.no_grad():
             ref = model(x).argmax(1)
