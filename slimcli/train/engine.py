@@ -174,8 +174,8 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
             idx = torch.arange(min(bs, n), device=device)
             chosen, _ = pick_threads(model, normalize(x_train[idx]), y_train[idx], lambda: autocast)
             cfg = dataclasses.replace(cfg, threads=chosen)  # a resume keeps the count (same float sums)
-        run.base_meta["train"]["threads"] = torch.get_num_threads()
         count = torch.get_num_threads()
+        run.base_meta["train"]["threads"] = count
         where = f"cpu ({count} thread{'s' if count > 1 else ''})"
     info = {"arch": run.base_meta["arch"], "dataset": ds.spec, "train_size": n, "epochs": cfg.epochs,
             "penalty": penalty.spec, "lam": cfg.lam, "update": cfg.update, "device": where,
