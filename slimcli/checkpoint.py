@@ -415,10 +415,12 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
 
 
 def load_state(
-    path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu", *, model_sha256: str | None = None
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The training state stored beside checkpoint ``path``, checked to belong to that exact file.
 
+    ``model_sha256`` is the model file's hash when the caller has already read it (a
+    :class:`Checkpoint`'s ``sha256``), which spares reading the model file again.
     Returns ``(tensors, meta)``; ``meta`` has the ``slim.`` prefix removed and includes
     ``model_sha256``.
     """
@@ -429,8 +431,8 @@ def load_state(
     sp = state_path(p)
     tensors, meta, _ = _read_safetensors(sp, "training state", map_location)
     expected = meta.get("model_sha256")
-    if model_path.is_file():
-        actual = file_sha256(model_path)
+    if model_sha256 is not None or model_path.is_file():
+        actual = model_sha256 or file_sha256(model_path)
         if expected != actual:
             raise CheckpointError(
                 f"{sp} belongs to a different checkpoint than {model_path} (an interrupted save?); "

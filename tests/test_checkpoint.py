@@ -194,9 +194,12 @@ def test_state_round_trip_and_pairing(tmp_path: Path) -> None:
     assert load_state(state_path(path))[1]["epoch"] == 7  # the state path itself works too
 
     # a newer model file next to an older state (a crash between the two writes) is detected
-    save_checkpoint(path, {"x": torch.zeros(2)}, full_meta())
+    assert load_state(path, model_sha256=sha)[1]["epoch"] == 7  # a caller's known hash is trusted
+    newer = save_checkpoint(path, {"x": torch.zeros(2)}, full_meta())
     with pytest.raises(CheckpointError, match="different checkpoint"):
         load_state(path)
+    with pytest.raises(CheckpointError, match="different checkpoint"):
+        load_state(path, model_sha256=newer)
 
 
 def test_missing_state_is_a_clean_error(tmp_path: Path) -> None:

@@ -64,8 +64,8 @@ def _resumed_config(config: TrainConfig) -> tuple[TrainConfig, Path, Any, tuple[
             f"--resume {run_dir}: no {LAST} there (nothing to resume); pass the folder of a run "
             f"started with --out"
         )
-    tensors, smeta = load_state(run_dir / LAST)
     ckpt = load_checkpoint(run_dir / LAST)
+    tensors, smeta = load_state(run_dir / LAST, model_sha256=ckpt.sha256)  # no second read of the model
     saved = TrainConfig.from_json(smeta["config"])
     if saved.stage != config.stage:
         right = "finetune" if saved.stage == "finetuned" else "sparsify-train"
