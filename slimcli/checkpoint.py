@@ -41,7 +41,7 @@ STAGES = ("sparsify", "pruned", "finetuned")
 _STR_KEYS = frozenset({"version", "arch", "dataset", "stage", "data_sha256", "model_sha256"})
 #: What build_model needs; a checkpoint without these cannot be rebuilt.
 _REQUIRED = ("arch", "num_classes", "input_shape")
-_STATE_SUFFIX = ".state.safetensors"
+STATE_SUFFIX = ".state.safetensors"
 _CHUNK = 1 << 24  # hash in 16 MiB pieces
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 
@@ -90,10 +90,10 @@ class Checkpoint:
 def state_path(path: str | os.PathLike[str]) -> Path:
     """The sibling training-state file of a checkpoint: ``last.safetensors`` → ``last.state.safetensors``."""
     p = Path(path)
-    if p.name.endswith(_STATE_SUFFIX):
+    if p.name.endswith(STATE_SUFFIX):
         return p
     stem = p.name[: -len(".safetensors")] if p.name.endswith(".safetensors") else p.name
-    return p.with_name(stem + _STATE_SUFFIX)
+    return p.with_name(stem + STATE_SUFFIX)
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -211,7 +211,8 @@ def _check_meta(meta: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------
 # writing
 # --------------------------------------------------------------------------------------
-def _ensure_folder(folder: Path) -> None:
+def ensure_folder(folder: Path) -> None:
+    """Create ``folder`` (and parents) or raise a :class:`CheckpointError` that says why."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -222,7 +223,7 @@ def _ensure_folder(folder: Path) -> None:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
-    _ensure_folder(path.parent)
+    ensure_folder(path.parent)
     try:
         atomic_write_bytes(path, data)
     except OSError as exc:
@@ -288,7 +289,7 @@ def _check_path(path: Path, what: str) -> None:
         hint = ""
         if path.parent.is_dir():
             near = sorted(
-                p.name for p in path.parent.glob("*.safetensors") if not p.name.endswith(_STATE_SUFFIX)
+                p.name for p in path.parent.glob("*.safetensors") if not p.name.endswith(STATE_SUFFIX)
             )
             if near:
                 hint = f" (that folder has: {', '.join(near[:5])})"
@@ -403,8 +404,8 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     p = Path(path)
     tensors, meta, sha = _read_safetensors(p, "checkpoint", map_location)
     missing = [k for k in _REQUIRED if k not in meta]
-    if missing and p.name.endswith(_STATE_SUFFIX):
-        model = p.with_name(p.name[: -len(_STATE_SUFFIX)] + ".safetensors")
+    if missing and p.name.endswith(STATE_SUFFIX):
+        model = p.with_name(p.name[: -len(STATE_SUFFIX)] + ".safetensors")
         raise CheckpointError(f"{p} is the training state of a run (what --resume reads), not a model; "
                               f"pass {model}")
     if missing:
@@ -426,8 +427,8 @@ def load_state(
     """
     p = Path(path)
     model_path = p
-    if p.name.endswith(_STATE_SUFFIX):
-        model_path = p.with_name(p.name[: -len(_STATE_SUFFIX)] + ".safetensors")
+    if p.name.endswith(STATE_SUFFIX):
+        model_path = p.with_name(p.name[: -len(STATE_SUFFIX)] + ".safetensors")
     sp = state_path(p)
     tensors, meta, _ = _read_safetensors(sp, "training state", map_location)
     expected = meta.get("model_sha256")

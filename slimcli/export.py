@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from slimcli._fs import atomic_target
+from slimcli._fs import atomic_target, temp_path
 from slimcli.checkpoint import unwrap_model
 from slimcli.errors import DataError, ExportError, SlimError, UsageError
 
@@ -125,6 +125,16 @@ def _check_destination(path: Path) -> Path:
     if path.is_dir():
         raise ExportError(f"{path} is a folder; give a file name ending in .onnx")
     return folder
+
+
+def check_onnx_destination(path: str | os.PathLike[str]) -> None:
+    """Fail now, before any work, when ``export_onnx`` could not write ``path`` (same checks)."""
+    path = Path(path)
+    _check_destination(path)
+    tmp = temp_path(path)
+    _create_temp(tmp)  # proves the folder is writable
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
 
 
 def _create_temp(tmp: Path) -> None:

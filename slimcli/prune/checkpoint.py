@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from slimcli._fs import atomic_target, temp_path
+from slimcli._fs import atomic_target
+from slimcli.checkpoint import STATE_SUFFIX
 from slimcli.errors import CheckpointError, DataError, UsageError
 from slimcli.prune.fold import fold_summary
 from slimcli.prune.rules import RULES, KeepPlan, compute_keep
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
     from slimcli.measure import Measurement
 
 SUFFIX = ".safetensors"
-_STATE_SUFFIX = ".state.safetensors"
 #: what each rule's value is, for messages
 RULE_VALUES = {
     "ratio": "a fraction of the channels in (0, 1)",
@@ -138,7 +138,7 @@ def newest_checkpoint(root: str | os.PathLike[str] = "runs") -> Path:
     base = Path(root)
     found = [
         p for p in base.rglob(f"*{SUFFIX}")
-        if p.is_file() and not p.name.endswith(_STATE_SUFFIX) and not p.name.startswith(".")
+        if p.is_file() and not p.name.endswith(STATE_SUFFIX) and not p.name.startswith(".")
         and not p.name.endswith(f"-pruned{SUFFIX}")
     ] if base.is_dir() else []
     if not found:
@@ -150,8 +150,8 @@ def newest_checkpoint(root: str | os.PathLike[str] = "runs") -> Path:
 
 
 def _check_out(source: Path, out: Path) -> None:
-    if not out.name.endswith(SUFFIX) or out.name.endswith(_STATE_SUFFIX):
-        raise UsageError(f"--out must be a checkpoint file ending in {SUFFIX} (not {_STATE_SUFFIX}), "
+    if not out.name.endswith(SUFFIX) or out.name.endswith(STATE_SUFFIX):
+        raise UsageError(f"--out must be a checkpoint file ending in {SUFFIX} (not {STATE_SUFFIX}), "
                          f"got {out}; e.g. {default_out(source)}")
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder; give a file name ending in {SUFFIX}")
@@ -162,17 +162,6 @@ def _check_out(source: Path, out: Path) -> None:
     if same:
         raise UsageError(f"--out {out} is the input checkpoint; pruning never overwrites its input, "
                          f"choose another file (default: {default_out(source)})")
-
-
-def _check_export_destination(path: Path) -> None:
-    """Fail before any work when the ONNX file cannot be written (exactly the checks of ``slim export``)."""
-    from slimcli.export import _check_destination, _create_temp
-
-    _check_destination(path)
-    tmp = temp_path(path)
-    _create_temp(tmp)  # proves the folder is writable
-    with contextlib.suppress(OSError):
-        os.unlink(tmp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,13 +223,13 @@ def prune_checkpoint(
     the next layers (:mod:`slimcli.prune.fold`) instead of dropping them.
     """
     from slimcli.checkpoint import (
-        _ensure_folder,
         build_model,
+        ensure_folder,
         lineage_entry,
         load_checkpoint,
         save_checkpoint,
     )
-    from slimcli.export import export_checkpoint, latest_accuracy
+    from slimcli.export import check_onnx_destination, export_checkpoint, latest_accuracy
     from slimcli.measure import measure
 
     say = log or (lambda _msg: None)
@@ -252,7 +241,7 @@ def prune_checkpoint(
     _check_out(source, target)
     onnx_path = Path(export) if export is not None else None
     if onnx_path is not None:
-        _check_export_destination(onnx_path)
+        check_onnx_destination(onnx_path)
 
     ckpt = load_checkpoint(source)
     model = build_model(ckpt)
@@ -289,7 +278,7 @@ def prune_checkpoint(
     meta["lineage"] = [*ckpt.lineage, lineage_entry("pruned", ckpt.sha256, command)]
 
     # checkpoint → temporary file, ONNX → its place (atomic), then the checkpoint → its place
-    _ensure_folder(target.parent)
+    ensure_folder(target.parent)
     report_onnx = None
     renaming = False
     try:
