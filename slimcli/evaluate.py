@@ -38,12 +38,14 @@ def evaluate(
     split: str = "test",
     normalization: tuple[Sequence[float], Sequence[float]] | None = None,
     batch_size: int = EVAL_BATCH,
+    data: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[float, float]:
     """Mean cross-entropy and accuracy (a fraction) of ``model`` on a dataset split.
 
     Images are normalised with ``normalization`` (mean, std in [0, 1] pixel units; default the
     dataset's own, which is what training used). The model is moved to ``device`` and put in
-    eval mode; its BatchNorm statistics are not touched.
+    eval mode; its BatchNorm statistics are not touched. ``data`` is the split already loaded
+    (uint8 images, labels), so that several models can be evaluated on one read of it.
     """
     from slimcli.data import create_dataset
     from slimcli.train.augment import Normalizer
@@ -51,7 +53,7 @@ def evaluate(
     from slimcli.train.engine import evaluate as _engine_evaluate
 
     dataset = create_dataset(dataset_spec)
-    images, labels = dataset.load(split, Path(data_dir) if data_dir is not None else None)
+    images, labels = data if data is not None else dataset.load(split, Path(data_dir) if data_dir else None)
     if len(labels) == 0:
         raise DataError(f"dataset {dataset.spec} has an empty {split} split; nothing to evaluate")
     dev = torch.device(device)

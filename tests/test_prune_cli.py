@@ -260,6 +260,11 @@ def test_eval_records_the_accuracy_of_the_slim_model(
     assert loaded.meta["prune"]["accuracy"] == pytest.approx(acc)
     assert loaded.metrics["pruned"]["test_acc"] == pytest.approx(acc)
     assert loaded.metrics["sparsify"] == {"test_acc": 0.5, "test_loss": 1.0}  # the parent's number stays
+    # a preloaded split gives the same numbers as evaluate's own read of it
+    from slimcli.data import create_dataset
+
+    test = create_dataset(DATASET).load("test")
+    assert evaluate(build_model(loaded), DATASET, normalization=([0.3], [0.35]), data=test) == (loss, acc)
     assert res["accuracy_before"] == 0.5
     code, stdout, _ = run_cli(["prune", str(ckpt), "--ratio", "0.5", "--eval", "--device", "cpu", "--out",
                             str(tmp_path / "b.safetensors")], capsys)
