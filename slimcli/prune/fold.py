@@ -26,42 +26,33 @@ added), as is a path through an op whose effect on a constant is not known.
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from slimcli.prune.graph import (
-    _POOL_FUNCTIONS,
-    _POOL_MODULES,
-    Analysis,
-    ChannelSelection,
-    _call_counts,
-    _describe,
-    _flattens_shape,
-    _is_channelwise,
-    _is_flatten,
-    _is_shape_query,
+from slimcli.prune.graph import Analysis
+from slimcli.prune.ops import (
+    AVG_POOL_FUNCTIONS,
+    CONCAT,
+    CONSTANT_KEEPING_FUNCTIONS,
+    CONSTANT_KEEPING_METHODS,
+    CONSTANT_KEEPING_MODULES,
+    DROPOUT_FUNCTIONS,
+    POOL_FUNCTIONS,
+    SUM,
+    call_counts,
+    describe,
+    flattens_shape,
+    is_channelwise,
+    is_flatten,
+    is_shape_query,
 )
-
-#: ops that pass a constant channel through unchanged (eval mode): identity, dropout, pooling
-#: (max and average over a constant), spatial mean / max, copies
-_KEEP_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, *_POOL_MODULES,
-)
-_KEEP_FUNCTIONS: set[Any] = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.mean, torch.amax,
-                             *_POOL_FUNCTIONS}
-_DROPOUT_FUNCTIONS: set[Any] = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d}
-_KEEP_METHODS = {"contiguous", "clone", "mean", "amax", "squeeze"}
-_AVG_POOL_FUNCTIONS: set[Any] = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d}
-_SUM: set[Any] = {operator.add, operator.iadd, torch.add}
-_CAT: set[Any] = {torch.cat, torch.concat, torch.concatenate}
+from slimcli.prune.select import ChannelSelection
 
 
 @dataclass(frozen=True)
@@ -94,7 +85,7 @@ def _avg_pool_exact(node: Node, m: nn.Module | None) -> bool:
             return True
         padding, ceil, include = m.padding, m.ceil_mode, m.count_include_pad
     else:
-        if node.target not in _AVG_POOL_FUNCTIONS:
+        if node.target not in AVG_POOL_FUNCTIONS:
             return True
         names = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
         given = {**dict(zip(names, node.args, strict=False)), **node.kwargs}
@@ -113,17 +104,17 @@ def _through(
     with torch.no_grad():
         if node.op == "call_module":
             m = modules[node.target]
-            if isinstance(m, _KEEP_MODULES):
+            if isinstance(m, CONSTANT_KEEPING_MODULES):
                 return k, _avg_pool_exact(node, m)
             return m(row).reshape(-1), True  # a zero-preserving activation (graph's list)
         if node.op == "call_function":
-            if node.target in _KEEP_FUNCTIONS:
+            if node.target in CONSTANT_KEEPING_FUNCTIONS:
                 return k, _avg_pool_exact(node, None)
             if node.target is torch.sum:
                 return k * (math.prod(shapes[src][1:]) / math.prod(shapes[node][1:])), True
             return node.target(row, *node.args[1:], **node.kwargs).reshape(-1), True
         if node.op == "call_method":
-            if node.target in _KEEP_METHODS:
+            if node.target in CONSTANT_KEEPING_METHODS:
                 return k, True
             if node.target == "sum":
                 return k * (math.prod(shapes[src][1:]) / math.prod(shapes[node][1:])), True
@@ -169,7 +160,7 @@ def _bn_readers(
         for user in src.users:
             nxt = _carry(user, src, pos, modules, counts, shapes)
             if nxt is None:
-                return [], _describe(user, modules)
+                return [], describe(user, modules)
             if user.op == "call_module" and isinstance(modules[user.target], _BatchNorm):
                 found.append((user.target, nxt))
             else:
@@ -195,20 +186,21 @@ def _carry(
             lookup = torch.full((shapes[src][1],), -1, dtype=torch.long)
             lookup[idx] = torch.arange(idx.numel())
             return torch.where(pos >= 0, lookup[pos.clamp(min=0)], -1)
-        if isinstance(m, _KEEP_MODULES):  # pool(x + v) = pool(x) + v, unless it averages in padding
+        # pool(x + v) = pool(x) + v, unless it averages in padding
+        if isinstance(m, CONSTANT_KEEPING_MODULES):
             return pos if shapes[user][:2] == shapes[src][:2] and _avg_pool_exact(user, m) else None
         return None
     if user.op != "call_function":
         return None
-    if user.target in _POOL_FUNCTIONS or user.target in _DROPOUT_FUNCTIONS:
+    if user.target in POOL_FUNCTIONS or user.target in DROPOUT_FUNCTIONS:
         ok = user.args[:1] == (src,) and shapes[user][:2] == shapes[src][:2] and _avg_pool_exact(user, None)
         return pos if ok else None
-    if user.target in _SUM:
+    if user.target in SUM:
         args = user.args
         ok = (len(args) == 2 and not user.kwargs and all(isinstance(a, Node) for a in args)
               and args[0] is not args[1] and shapes[user] == shapes[src])
         return pos if ok else None
-    if user.target in _CAT:
+    if user.target in CONCAT:
         tensors = user.args[0]
         dim = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim", 0)
         if (not isinstance(tensors, (list, tuple)) or not isinstance(dim, int)
@@ -227,7 +219,7 @@ def fold_shifts(analysis: Analysis, keep: dict[str, Tensor]) -> list[ShiftFold]:
     """
     gm: GraphModule = analysis.gm
     modules = dict(gm.named_modules())
-    counts = _call_counts(gm)
+    counts = call_counts(gm)
     shapes = {n: analysis.shapes[n.name] for n in gm.graph.nodes if n.name in analysis.shapes}
     folds: list[ShiftFold] = []
     for name, index in keep.items():
@@ -245,21 +237,21 @@ def fold_shifts(analysis: Analysis, keep: dict[str, Tensor]) -> list[ShiftFold]:
                     folds.append(_fold_one(name, user, consumers[user], k, exact, why, pruned,
                                            modules, counts, shapes))
                     continue
-                if _is_shape_query(user, len(shapes[src])):
+                if is_shape_query(user, len(shapes[src])):
                     continue
-                is_flatten = _is_flatten(user, src, shapes) or (
+                flat = is_flatten(user, src, shapes) or (
                     user.op == "call_module" and isinstance(modules[user.target], nn.Flatten)
-                    and _flattens_shape(shapes[src], shapes.get(user)))
-                if is_flatten:
+                    and flattens_shape(shapes[src], shapes.get(user)))
+                if flat:
                     stack.append((user, k, exact, why))
                     continue
                 # the analysis only lets channel-wise ops through
-                assert _is_channelwise(user, modules, shapes), user
+                assert is_channelwise(user, modules, shapes), user
                 if k is None:
                     stack.append((user, None, exact, why))
                     continue
                 k2, ok = _through(user, k, modules, shapes)
-                unknown = f"what {_describe(user, modules)} does to a constant is not known"
+                unknown = f"what {describe(user, modules)} does to a constant is not known"
                 note = why if k2 is not None else unknown
                 stack.append((user, k2, exact and ok, note))
     return [f for f in folds if f.channels or f.reason]

@@ -24,55 +24,30 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Interpreter, Node, Tracer
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from slimcli.errors import PruneError
+from slimcli.prune.ops import (
+    ADD,
+    CAT,
+    SHAPE_BATCH,
+    call_counts,
+    describe,
+    flattens_shape,
+    is_channelwise,
+    is_flatten,
+    is_shape_query,
+    is_weight_layer,
+)
 from slimcli.prune.select import ChannelSelection
-
-#: Batch size of the shape-recording run: 2, so that a reshape to (N, -1) and one that
-#: hard-codes the batch (or folds it into features) can be told apart.
-_BATCH = 2
-
-# Channel-wise ops that map 0 to 0: a channel the BatchNorm zeroes stays zero through them,
-# so removing it is exact. (Sigmoid, softplus, … map 0 to a constant: not in these lists.)
-_ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh,
-    nn.Hardswish, nn.Softsign, nn.Tanhshrink, nn.Hardshrink, nn.Softshrink, nn.Identity,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-)
-_POOL_MODULES: tuple[type[nn.Module], ...] = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-)
-_ELEMENTWISE_FUNCTIONS: set[Any] = {
-    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.celu, F.selu,
-    F.gelu, F.silu, F.mish, F.hardswish, torch.tanh, F.tanh, F.softsign,
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
-}
-_POOL_FUNCTIONS: set[Any] = {
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
-}
-_ELEMENTWISE_METHODS = {"relu", "relu_", "tanh", "tanh_", "contiguous", "clone"}
-_REDUCE_FUNCTIONS: set[Any] = {torch.mean, torch.sum, torch.amax}
-_REDUCE_METHODS = {"mean", "sum", "amax"}
-_FLATTEN_FUNCTIONS: set[Any] = {torch.flatten, torch.reshape}
-_FLATTEN_METHODS = {"flatten", "view", "reshape"}
-_ADD = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
-_MUL = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div}
-_CAT = {torch.cat, torch.concat, torch.concatenate, torch.stack}
 
 
 @dataclass(frozen=True)
@@ -218,7 +193,7 @@ def record_shapes(gm: GraphModule, input_shape: Sequence[int]) -> dict[Node, tup
     gm.eval()  # never touch BatchNorm running statistics
     try:
         with torch.no_grad():
-            recorder.run(torch.zeros((_BATCH, *input_shape), dtype=dtype, device=device))
+            recorder.run(torch.zeros((SHAPE_BATCH, *input_shape), dtype=dtype, device=device))
     except Exception as exc:
         raise PruneError(
             f"the model does not run on an input of shape {tuple(input_shape)} ({type(exc).__name__}: "
@@ -233,92 +208,6 @@ def record_shapes(gm: GraphModule, input_shape: Sequence[int]) -> dict[Node, tup
 
 # ----------------------------------------------------------------------------------------------
 # op classification
-
-
-def _call_counts(gm: GraphModule) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            counts[n.target] = counts.get(n.target, 0) + 1
-    return counts
-
-
-def _describe(node: Node, modules: dict[str, nn.Module]) -> str:
-    if node.op == "placeholder":
-        return f"the network input '{node.name}'"
-    if node.op == "call_module":
-        return f"{type(modules[node.target]).__name__} '{node.target}'"
-    if node.op == "call_function":
-        fn = getattr(node.target, "__name__", str(node.target))
-        if node.target in _ADD:
-            return f"a residual sum ('{node.name}')"
-        if node.target in _CAT:
-            return f"a concatenation ('{node.name}')"
-        return f"{fn} ('{node.name}')"
-    if node.op == "call_method":
-        return f".{node.target}() ('{node.name}')"
-    return f"{node.op} '{node.name}'"
-
-
-def _is_weight_layer(m: nn.Module) -> bool:
-    """Convs (not transposed, groups 1) and linears: the layers whose channels can be sliced."""
-    if isinstance(m, _ConvNd):
-        return not m.transposed and m.groups == 1
-    return isinstance(m, nn.Linear) and not isinstance(m, nn.LazyLinear)
-
-
-def _is_elementwise_module(m: nn.Module) -> bool:
-    if isinstance(m, nn.Hardtanh):  # includes ReLU6; zero-preserving when 0 lies in its range
-        return m.min_val <= 0 <= m.max_val
-    return isinstance(m, _ELEMENTWISE_MODULES)
-
-
-def _dims(arg: Any, ndim: int) -> list[int] | None:
-    if isinstance(arg, int):
-        arg = [arg]
-    if not isinstance(arg, (list, tuple)) or not all(isinstance(d, int) for d in arg):
-        return None
-    return [d % ndim for d in arg]
-
-
-def _reduces_spatial_only(node: Node, ndim: int) -> bool:
-    """A mean/sum/amax (or squeeze) over dimensions ≥ 2 only: batch and channels survive."""
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    dims = _dims(dim, ndim)
-    return bool(dims) and all(d >= 2 for d in dims)  # type: ignore[union-attr]
-
-
-def _is_shape_query(user: Node, src_ndim: int) -> bool:
-    """``x.size(0)``, ``x.shape[0]``, ``x.dim()``: reads nothing that pruning changes."""
-    if user.op == "call_method" and user.target == "dim":
-        return True
-    whole = (user.op == "call_method" and user.target == "size" and len(user.args) == 1
-             and "dim" not in user.kwargs) or (
-        user.op == "call_function" and user.target is getattr and user.args[1:] == ("shape",))
-    if whole:  # only its batch entry may be read
-        return all(u.op == "call_function" and u.target is operator.getitem
-                   and isinstance(u.args[1], int) and u.args[1] % src_ndim == 0 for u in user.users)
-    if user.op == "call_method" and user.target == "size":
-        dim = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
-        return isinstance(dim, int) and dim % src_ndim == 0
-    return False
-
-
-def _is_flatten(user: Node, src: Node, shapes: dict[Node, tuple[int, ...]]) -> bool:
-    """Does ``user`` turn (N, C, *S) into (N, C·prod(S)) (or leave a 2-D (N, F) alone)?"""
-    if user.op == "call_module":
-        return False  # nn.Flatten is checked by the caller (it needs the module)
-    is_candidate = (user.op == "call_function" and user.target in _FLATTEN_FUNCTIONS) or (
-        user.op == "call_method" and user.target in _FLATTEN_METHODS)
-    if not is_candidate or user.args[0] is not src:
-        return False
-    return _flattens_shape(shapes.get(src), shapes.get(user))
-
-
-def _flattens_shape(src: tuple[int, ...] | None, out: tuple[int, ...] | None) -> bool:
-    if src is None or out is None or len(src) < 2 or len(out) != 2:
-        return False
-    return src[0] == out[0] == _BATCH and out[1] == math.prod(src[1:])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,7 +225,7 @@ def _find_producer(
         single = len(node.users) == 1
         if node.op == "call_module":
             m = modules[node.target]
-            if _is_weight_layer(m):
+            if is_weight_layer(m):
                 out_ch = m.out_channels if isinstance(m, _ConvNd) else m.out_features
                 ok_shape = isinstance(m, _ConvNd) or len(shapes.get(node, ())) == 2
                 if single and counts[node.target] == 1 and out_ch == channels and ok_shape:
@@ -345,40 +234,11 @@ def _find_producer(
                 return None, None, f"{type(m).__name__} '{node.target}' ({why})"
             if isinstance(m, ChannelSelection) and single and counts[node.target] == 1:
                 return None, node, f"ChannelSelection '{node.target}'"
-        if single and len(node.all_input_nodes) == 1 and _is_channelwise(node, modules, shapes):
+        if single and len(node.all_input_nodes) == 1 and is_channelwise(node, modules, shapes):
             node = node.all_input_nodes[0]
             continue
-        what = _describe(node, modules)
+        what = describe(node, modules)
         return None, None, what + ("" if single else ", also used elsewhere")
-
-
-def _is_channelwise(node: Node, modules: dict[str, nn.Module], shapes: dict[Node, tuple[int, ...]]) -> bool:
-    """A single-input op that keeps dim 1 as channels and acts on each channel alone, 0 → 0."""
-    if node not in shapes or len(node.all_input_nodes) != 1:
-        return False
-    src = node.all_input_nodes[0]
-    if src not in shapes or node.args[:1] != (src,):
-        return False
-    ndim = len(shapes[src])
-    if shapes[node][:2] != shapes[src][:2]:
-        return False
-    if node.op == "call_module":
-        m = modules[node.target]
-        return _is_elementwise_module(m) or (isinstance(m, _POOL_MODULES) and ndim >= 3)
-    if node.op == "call_function":
-        if node.target in _ELEMENTWISE_FUNCTIONS:
-            return True
-        if node.target in _POOL_FUNCTIONS:
-            return ndim >= 3
-        if node.target in _REDUCE_FUNCTIONS:
-            return ndim >= 3 and _reduces_spatial_only(node, ndim)
-        return False
-    if node.op == "call_method":
-        if node.target in _ELEMENTWISE_METHODS:
-            return True
-        if node.target in _REDUCE_METHODS or node.target == "squeeze":
-            return ndim >= 3 and _reduces_spatial_only(node, ndim)
-    return False
 
 
 def _find_consumers(
@@ -395,14 +255,14 @@ def _find_consumers(
         for user in src.users:
             if user.op == "output":
                 return [], [], "its output is a model output"
-            if _is_shape_query(user, src_ndim):
+            if is_shape_query(user, src_ndim):
                 continue
-            what = _describe(user, modules)
+            what = describe(user, modules)
             tensor_inputs = [n for n in user.all_input_nodes if n in shapes]
             if tensor_inputs != [src]:
-                if user.op == "call_function" and user.target in _ADD:
+                if user.op == "call_function" and user.target in ADD:
                     return [], [], f"its output feeds {what}, tying its channels to the other summand"
-                if user.op == "call_function" and user.target in _CAT:
+                if user.op == "call_function" and user.target in CAT:
                     return [], [], f"its output feeds {what}"
                 return [], [], f"its output is combined with another tensor in {what}"
             if user.op == "call_module":
@@ -411,25 +271,25 @@ def _find_consumers(
                 if counts[user.target] > 1 and any(True for _ in m.parameters()):
                     return [], [], f"its output feeds '{user.target}', which is called more than once"
                 layout_ok = None
-                if isinstance(m, _ConvNd) and _is_weight_layer(m):
+                if isinstance(m, _ConvNd) and is_weight_layer(m):
                     layout_ok = factor == 1 and m.in_channels == channels and src_ndim >= 3
-                elif isinstance(m, nn.Linear) and _is_weight_layer(m):
+                elif isinstance(m, nn.Linear) and is_weight_layer(m):
                     layout_ok = src_ndim == 2 and m.in_features == channels * factor
                 if layout_ok is not None:
                     if not layout_ok:
                         return [], [], f"its output reaches {what} in an unexpected layout"
                     consumers.append((user, factor))
                     continue
-                if isinstance(m, nn.Flatten) and _flattens_shape(shapes[src], shapes.get(user)):
+                if isinstance(m, nn.Flatten) and flattens_shape(shapes[src], shapes.get(user)):
                     stack.append((user, factor * math.prod(shapes[src][2:])))
                     continue
                 if isinstance(m, _ConvNd) and m.groups != 1:
                     return [], [], f"its output feeds the grouped conv '{user.target}' (groups={m.groups})"
-            elif _is_flatten(user, src, shapes):
+            elif is_flatten(user, src, shapes):
                 flattens.append(user)
                 stack.append((user, factor * math.prod(shapes[src][2:])))
                 continue
-            if _is_channelwise(user, modules, shapes):
+            if is_channelwise(user, modules, shapes):
                 stack.append((user, factor))
                 continue
             return [], [], f"its output feeds {what}, which slim cannot prune through"
@@ -442,7 +302,7 @@ def analyze(model: nn.Module, input_shape: Sequence[int] | None = None) -> Analy
     gm = trace(model)
     shapes = record_shapes(gm, shape)
     modules = dict(gm.named_modules())
-    counts = _call_counts(gm)
+    counts = call_counts(gm)
     analysis = Analysis(gm, shape, {}, shapes={n.name: s for n, s in shapes.items()})
     seen: set[str] = set()
     for node in gm.graph.nodes:
