@@ -2,8 +2,9 @@
 
 A checkpoint is one ``*.safetensors`` file holding a model's ``state_dict`` plus string
 metadata, every key prefixed ``slim.`` (JSON for structured values). Everything needed to
-rebuild the model is in the file: :func:`build_model` creates the registered architecture,
-applies the recorded pruned widths and loads the tensors with ``strict=True``. Training
+rebuild the model is in the file: :func:`slimcli.model.build_model` creates the registered
+architecture, applies the recorded pruned widths and loads the tensors with ``strict=True``.
+This module is the file format and its I/O only; it knows nothing about architectures. Training
 state for ``--resume`` lives in the sibling ``<stem>.state.safetensors``, which records the
 sha256 of the model file it belongs to.
 
@@ -31,7 +32,8 @@ from safetensors.torch import save as _st_save
 from torch import Tensor, nn
 
 from slimcli._fs import atomic_write_bytes
-from slimcli.errors import CheckpointError, UsageError
+from slimcli._version import __version__
+from slimcli.errors import CheckpointError
 
 #: Version of the on-disk layout; bump when a reader of the old version would misread a new file.
 FORMAT_VERSION = 1
@@ -248,8 +250,6 @@ def save_checkpoint(
     between the two writes leaves a pair that :func:`load_state` reports as mismatched.
     Returns the sha256 of the written model file.
     """
-    from slimcli import __version__
-
     path = Path(path)
     _check_meta(meta)
     sd = unwrap_model(model).state_dict() if isinstance(model, nn.Module) else model
@@ -375,8 +375,6 @@ def _read_safetensors(
             f"{path} has an unreadable format version {raw_meta[PREFIX + 'format']!r}; re-create it"
         ) from None
     if fmt > FORMAT_VERSION:
-        from slimcli import __version__
-
         writer = raw_meta.get(PREFIX + "version", "?")
         raise CheckpointError(
             f"{path} uses checkpoint format {fmt}, written by a newer slim ({writer}); "
@@ -443,83 +441,6 @@ def load_state(
 
 
 # --------------------------------------------------------------------------------------
-# rebuilding
-# --------------------------------------------------------------------------------------
-def _first(names: list[str], n: int = 3) -> str:
-    shown = ", ".join(names[:n])
-    return shown + (f" (+{len(names) - n} more)" if len(names) > n else "")
-
-
-def build_model(ckpt: Checkpoint) -> nn.Module:
-    """Rebuild the model a checkpoint describes: registered arch → recorded widths → strict load.
-
-    The model is returned on the CPU in eval mode.
-    """
-    from slimcli.archs import create_arch
-    from slimcli.registry import ARCHS
-
-    spec = str(ckpt.meta["arch"])
-    name = spec.partition(":")[0].strip()
-    where = f" ({ckpt.path})" if ckpt.path else ""
-    if name not in ARCHS:
-        raise CheckpointError(
-            f"checkpoint{where} needs architecture '{name}', which is not installed; install the plugin "
-            f"that provides it (see 'slim list archs')"
-        )
-    try:
-        model = create_arch(spec, int(ckpt.meta["num_classes"]), tuple(ckpt.meta["input_shape"]))
-    except UsageError as exc:
-        raise CheckpointError(f"cannot build architecture '{spec}'{where}: {exc}") from None
-
-    widths = ckpt.widths or {}
-    narrower = False
-    for bn_name, kept in widths.items():
-        try:
-            bn = model.get_submodule(bn_name)
-        except AttributeError:
-            raise CheckpointError(
-                f"checkpoint{where} records a width for '{bn_name}', which architecture '{spec}' does not "
-                f"have; the arch plugin changed since it was written"
-            ) from None
-        full = getattr(bn, "num_features", None)
-        if full is None or int(kept) > full:
-            raise CheckpointError(
-                f"checkpoint{where} keeps {kept} channels of '{bn_name}', which has {full}; "
-                f"the arch plugin changed since it was written"
-            )
-        narrower |= int(kept) < full
-    if narrower:
-        from slimcli.prune import apply_widths
-
-        shape = tuple(int(d) for d in ckpt.meta["input_shape"])
-        rebuilt = apply_widths(model, {k: int(v) for k, v in widths.items()}, input_shape=shape)
-        model = rebuilt if isinstance(rebuilt, nn.Module) else model
-
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in ckpt.tensors]
-    unexpected = [k for k in ckpt.tensors if k not in expected]
-    wrong = [
-        f"{k} {tuple(ckpt.tensors[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in ckpt.tensors and ckpt.tensors[k].shape != v.shape
-    ]
-    problems = []
-    if wrong:
-        problems.append(f"shape mismatch: {_first(wrong)}")
-    if missing:
-        problems.append(f"missing from the file: {_first(missing)}")
-    if unexpected:
-        problems.append(f"not in the model: {_first(unexpected)}")
-    if problems:
-        raise CheckpointError(
-            f"checkpoint{where} does not fit architecture '{spec}' ({'; '.join(problems)}); "
-            f"it was written by a different version of that arch"
-        )
-    model.load_state_dict(ckpt.tensors, strict=True)
-    return model.eval()
-
-
-# --------------------------------------------------------------------------------------
 # importing foreign weights
 # --------------------------------------------------------------------------------------
 def import_pth(path: str | os.PathLike[str]) -> dict[str, Tensor]:
@@ -555,7 +476,6 @@ __all__ = [
     "FORMAT_VERSION",
     "STAGES",
     "Checkpoint",
-    "build_model",
     "file_sha256",
     "import_pth",
     "lineage_entry",

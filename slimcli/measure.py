@@ -11,12 +11,14 @@ the ``torch.fx.GraphModule`` the pruning engine produces (its submodules keep th
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from slimcli.errors import UsageError
@@ -121,4 +123,32 @@ def human(n: float) -> str:
     return f"{n:g}"
 
 
-__all__ = ["LayerCost", "Measurement", "count_params", "human", "measure"]
+def onnx_latency_ms(
+    model_bytes: bytes, x: Tensor, runs: int = 50, warmup: int = 5, *, input_name: str = "input",
+    output_name: str = "logits", threads: int | None = None,
+) -> float | None:
+    """Median onnxruntime (CPU) time in ms of one run on ``x``; None when ``runs`` is 0.
+
+    Needs the ``onnx`` extra (onnxruntime, imported here: it is optional and slow to load).
+    """
+    if runs <= 0:
+        return None
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only: warnings would go to stderr unasked
+    if threads:
+        opts.intra_op_num_threads = threads
+    session = ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
+    feed = {input_name: x.numpy()}
+    for _ in range(max(0, warmup)):
+        session.run([output_name], feed)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        session.run([output_name], feed)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+__all__ = ["LayerCost", "Measurement", "count_params", "human", "measure", "onnx_latency_ms"]

@@ -2,11 +2,12 @@
 
 A plugin is a class decorated with ``@register_penalty("name")`` (or ``register_arch``,
 ``register_dataset``) that declares typed :class:`Option` s. Built-in plugins are the
-modules of ``slimcli.penalties``, ``slimcli.archs`` and ``slimcli.data``; third-party ones
+modules listed in :data:`BUILTIN_PLUGINS`; third-party ones
 come from the entry-point groups ``slim.penalties``, ``slim.archs``, ``slim.datasets``
 (value: a module to import) and from files listed in ``SLIM_PLUGINS`` (separated by
 ``os.pathsep``: ``:`` on POSIX, ``;`` on Windows). All three paths go through the same
-decorator, so a built-in is registered exactly like a plugin someone else wrote.
+decorator and the same loader (:func:`load_plugin`), so a built-in is registered exactly
+like a plugin someone else wrote, and a plugin that fails half-way registers nothing.
 
 Spec strings name a plugin with options: ``NAME[:key=value[,key=value…]]``.
 """
@@ -14,10 +15,10 @@ Spec strings name a plugin with options: ``NAME[:key=value[,key=value…]]``.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import importlib.util
 import os
-import pkgutil
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -162,7 +163,7 @@ class Registry:
     def __init__(self, kind: str, group: str, package: str) -> None:
         self.kind = kind  # "penalty", "arch", "dataset"
         self.group = group  # entry-point group
-        self.package = package  # package whose modules are the built-ins
+        self.package = package  # package of the built-ins (names the source of runtime registrations)
         self._plugins: dict[str, PluginInfo] = {}
         self._aliases: dict[str, tuple[str, dict[str, Any]]] = {}
         # What is being imported right now (names the source in listings and errors); None
@@ -308,6 +309,26 @@ register_penalty = PENALTIES.register
 register_arch = ARCHS.register
 register_dataset = DATASETS.register
 
+#: The built-in plugins: imported by :func:`load_plugins` through the same function as
+#: entry-point plugins (one module per plugin; a new built-in is one line here).
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "slimcli.penalties.l1",
+    "slimcli.penalties.lp",
+    "slimcli.penalties.tl1",
+    "slimcli.penalties.mcp",
+    "slimcli.penalties.scad",
+    "slimcli.penalties.l1l2",
+    "slimcli.penalties.none",
+    "slimcli.archs.vgg",
+    "slimcli.archs.resnet164",
+    "slimcli.archs.densenet40",
+    "slimcli.archs.resnet56",
+    "slimcli.data.cifar",
+    "slimcli.data.mnist",
+    "slimcli.data.fashion_mini",
+    "slimcli.data.synthetic",
+)
+
 _loaded = False
 FAILED: list[tuple[str, str]] = []  # (plugin source, error) of plugins that did not load
 
@@ -319,62 +340,76 @@ def _warn_broken(source: str, exc: BaseException) -> None:
     )
 
 
-def _import_builtins(registry: Registry) -> None:
-    pkg = importlib.import_module(registry.package)
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        if mod.name.startswith("_"):
-            continue
-        registry._loading = f"built-in {registry.package}.{mod.name}"
-        importlib.import_module(f"{registry.package}.{mod.name}")
-
-
 def autoload_disabled() -> bool:
     return os.environ.get("SLIM_DISABLE_PLUGIN_AUTOLOAD", "").strip().lower() in _TRUE
 
 
+def _snapshot() -> dict[str, tuple[dict[str, PluginInfo], dict[str, tuple[str, dict[str, Any]]]]]:
+    return {name: (dict(r._plugins), dict(r._aliases)) for name, r in REGISTRIES.items()}
+
+
+def _restore(saved: dict[str, tuple[dict[str, PluginInfo], dict[str, tuple[str, dict[str, Any]]]]]) -> None:
+    for name, (plugins, aliases) in saved.items():
+        REGISTRIES[name]._plugins, REGISTRIES[name]._aliases = plugins, aliases
+
+
+def load_plugin(source: str, load: Callable[[], object]) -> bool:
+    """Run ``load`` (an import) with every registration attributed to ``source``, all or nothing.
+
+    The one loader for built-ins, entry points and ``SLIM_PLUGINS`` files. If it raises,
+    whatever it registered before failing is removed again (no half-filled registry) and the
+    failure becomes a warning naming ``source``. Returns whether it loaded.
+    """
+    previous = {name: registry._loading for name, registry in REGISTRIES.items()}
+    saved = _snapshot()
+    for registry in REGISTRIES.values():  # one plugin module may register several kinds
+        registry._loading = source
+    try:
+        load()
+        return True
+    except Exception as exc:  # a broken plugin must not break slim
+        _restore(saved)
+        _warn_broken(source, exc)
+        return False
+    finally:
+        for name, registry in REGISTRIES.items():
+            registry._loading = previous[name]
+
+
 def load_plugins() -> None:
-    """Import built-ins, then entry-point plugins, then ``SLIM_PLUGINS`` files (once)."""
+    """Import the built-ins, then entry-point plugins, then ``SLIM_PLUGINS`` files (once)."""
     global _loaded
     if _loaded:
         return
     _loaded = True
-    for registry in REGISTRIES.values():
-        _import_builtins(registry)
+    for module in BUILTIN_PLUGINS:
+        load_plugin(f"built-in {module}", functools.partial(importlib.import_module, module))
     if not autoload_disabled():
         for registry in REGISTRIES.values():
             for ep in entry_points(group=registry.group):
                 source = f"'{ep.name}' (entry point {ep.value}, {registry.group})"
-                for other in REGISTRIES.values():  # one plugin module may register several kinds
-                    other._loading = source
-                try:
-                    importlib.import_module(ep.value)
-                except Exception as exc:  # a broken plugin must not break slim
-                    _warn_broken(source, exc)
+                load_plugin(source, functools.partial(importlib.import_module, ep.value))
     for path in filter(None, os.environ.get("SLIM_PLUGINS", "").split(os.pathsep)):
         load_plugin_file(path)
-    for registry in REGISTRIES.values():
-        registry._loading = None
 
 
-def load_plugin_file(path: str | os.PathLike[str]) -> None:
+def _exec_file(p: Path) -> None:
+    if not p.is_file():
+        raise FileNotFoundError(f"no such file (from SLIM_PLUGINS): {p}")
+    modname = f"slim_local_plugin_{abs(hash(str(p.resolve())))}"
+    spec = importlib.util.spec_from_file_location(modname, p)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {p}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[modname] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(modname, None)
+        raise
+
+
+def load_plugin_file(path: str | os.PathLike[str]) -> bool:
     """Import one local plugin file (as ``SLIM_PLUGINS`` does); failures are warnings."""
     p = Path(path).expanduser()
-    source = f"file {p}"
-    previous = {name: registry._loading for name, registry in REGISTRIES.items()}
-    for registry in REGISTRIES.values():
-        registry._loading = source
-    try:
-        if not p.is_file():
-            raise FileNotFoundError(f"no such file (from SLIM_PLUGINS): {p}")
-        modname = f"slim_local_plugin_{abs(hash(str(p.resolve())))}"
-        spec = importlib.util.spec_from_file_location(modname, p)
-        if spec is None or spec.loader is None:
-            raise ImportError(f"cannot import {p}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[modname] = module
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        _warn_broken(source, exc)
-    finally:
-        for name, registry in REGISTRIES.items():
-            registry._loading = previous[name]
+    return load_plugin(f"file {p}", functools.partial(_exec_file, p))

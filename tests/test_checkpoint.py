@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,6 @@ from slimcli import checkpoint as ck
 from slimcli.checkpoint import (
     FORMAT_VERSION,
     Checkpoint,
-    build_model,
     file_sha256,
     lineage_entry,
     load_checkpoint,
@@ -33,6 +31,7 @@ from slimcli.checkpoint import (
     state_path,
 )
 from slimcli.errors import CheckpointError, SlimError
+from slimcli.model import build_model
 from slimcli.registry import ARCHS, Option
 
 ARCH = "tinytestnet"
@@ -469,7 +468,7 @@ def test_build_model_applies_narrower_widths(
         model.fc = nn.Linear(k, model.fc.out_features)
         return model
 
-    monkeypatch.setitem(sys.modules, "slimcli.prune", types.SimpleNamespace(apply_widths=apply_widths))
+    monkeypatch.setattr("slimcli.model.apply_widths", apply_widths)
     slim = TinyNet(3, (1, 8, 8), width=2)
     path = tmp_path / "pruned.safetensors"
     save_checkpoint(path, slim, full_meta(widths={"bn": 2}, stage="pruned"))

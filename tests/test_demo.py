@@ -12,9 +12,10 @@ import pytest
 import torch
 from _helpers import run_cli
 
-from slimcli.checkpoint import build_model, file_sha256, load_checkpoint
-from slimcli.demo import STAGES, choose_ratio
+from slimcli.checkpoint import file_sha256, load_checkpoint
+from slimcli.flows.demo import STAGES, choose_ratio
 from slimcli.measure import measure
+from slimcli.model import build_model
 
 ARTEFACTS = [
     "sparsify/last.safetensors", "sparsify/metrics.jsonl", "pruned.safetensors", "pruned.onnx",

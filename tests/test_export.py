@@ -21,6 +21,8 @@ from slimcli import export as ex
 from slimcli.checkpoint import load_checkpoint, save_checkpoint
 from slimcli.errors import ExportError, SlimError, UsageError
 from slimcli.export import checkpoint_metadata_for_onnx, export_checkpoint, export_onnx, latest_accuracy
+from slimcli.export import onnx as ex_onnx
+from slimcli.export import verify as ex_verify
 
 SHAPE = (3, 8, 8)
 FAST = {"latency_runs": 2, "warmup_runs": 1}
@@ -191,7 +193,7 @@ def test_dynamo_exporter_and_auto_fallback(tmp_path: Path, monkeypatch: pytest.M
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("TorchScript exporter removed")
 
-    monkeypatch.setitem(ex._EXPORT_FNS, "torchscript", broken)
+    monkeypatch.setitem(ex_onnx._EXPORT_FNS, "torchscript", broken)
     model = MODELS["graphmodule-index_select"]()
     report = export_onnx(model, tmp_path / "m.onnx", input_shape=SHAPE, metadata={"a": "b"}, **FAST)
     assert report.exporter == "dynamo" and report.rel_diff <= 1e-4
@@ -233,7 +235,7 @@ def test_caller_model_untouched(tmp_path: Path) -> None:
 
 def _perturb_ort(monkeypatch: pytest.MonkeyPatch, delta: float) -> None:
     """Make onnxruntime's outputs differ from the model's by exactly ``delta``."""
-    real_session = ex._session
+    real_session = ex_verify.session_for
 
     class Perturbed:
         def __init__(self, inner: object) -> None:
@@ -245,7 +247,7 @@ def _perturb_ort(monkeypatch: pytest.MonkeyPatch, delta: float) -> None:
         def run(self, *args: object, **kwargs: object) -> list[np.ndarray]:
             return [o + np.float32(delta) for o in self.inner.run(*args, **kwargs)]
 
-    monkeypatch.setattr(ex, "_session", lambda *a, **k: Perturbed(real_session(*a, **k)))
+    monkeypatch.setattr(ex_verify, "session_for", lambda *a, **k: Perturbed(real_session(*a, **k)))
 
 
 def test_relative_diff_definition_and_tolerance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -306,7 +308,7 @@ def _no_work(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("exported although the destination is unusable")
 
-    monkeypatch.setattr(ex, "_build", fail)
+    monkeypatch.setattr(ex_onnx, "_build", fail)
 
 
 def test_unwritable_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,9 +15,10 @@ from _prune_toys import TOYS, randomize
 from torch import nn
 
 from slimcli.archs import create_arch
-from slimcli.checkpoint import build_model, file_sha256, lineage_entry, load_checkpoint, save_checkpoint
-from slimcli.inspect import gamma_summary, inspect_checkpoint, meta_twin, safe_bound, what_if_table
+from slimcli.checkpoint import file_sha256, lineage_entry, load_checkpoint, save_checkpoint
+from slimcli.flows.inspect import gamma_summary, inspect_checkpoint, meta_twin, safe_bound, what_if_table
 from slimcli.measure import count_params, measure
+from slimcli.model import build_model
 from slimcli.prune import (
     analyze,
     compute_keep,
@@ -234,7 +235,7 @@ def test_fast_what_if_on_toy_graphs(name: str) -> None:
 
 
 def test_a_wrong_formula_is_caught_by_the_surgery_check(monkeypatch: pytest.MonkeyPatch) -> None:
-    from slimcli import inspect as insp
+    from slimcli.flows import inspect as insp
 
     model = _random_gammas(create_arch(VGG, 10, SHAPE))
     ratios = [0.25, 0.5, 0.75]

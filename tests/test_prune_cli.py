@@ -18,11 +18,11 @@ from _helpers import run_cli
 from torch import nn
 
 from slimcli.archs import create_arch
-from slimcli.checkpoint import build_model, file_sha256, lineage_entry, load_checkpoint, save_checkpoint
+from slimcli.checkpoint import file_sha256, lineage_entry, load_checkpoint, save_checkpoint
 from slimcli.errors import ExportError
-from slimcli.evaluate import evaluate
+from slimcli.flows import prune as pc
 from slimcli.measure import measure
-from slimcli.prune import checkpoint as pc
+from slimcli.model import build_model, evaluate
 from slimcli.prune import compute_keep, masked_dense, prunable_bns, prune_model
 from slimcli.registry import ARCHS
 
@@ -453,7 +453,7 @@ def test_a_failing_export_leaves_no_pruned_checkpoint(
         seen["files"] = _files(tmp_path)  # the checkpoint exists only as a temporary file here
         raise ExportError("parity check failed")
 
-    monkeypatch.setattr("slimcli.export.export_checkpoint", broken)
+    monkeypatch.setattr("slimcli.flows.prune.export_checkpoint", broken)
     with pytest.raises(ExportError):
         pc.prune_checkpoint(ckpt, "ratio", 0.5, export=tmp_path / "m.onnx")
     assert any(n.startswith(".a-pruned.safetensors.") for n in seen["files"])

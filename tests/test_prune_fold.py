@@ -18,8 +18,9 @@ from _helpers import run_cli
 from torch import Tensor, nn
 
 from slimcli.archs import create_arch
-from slimcli.checkpoint import build_model, load_checkpoint, save_checkpoint
+from slimcli.checkpoint import load_checkpoint, save_checkpoint
 from slimcli.measure import count_params
+from slimcli.model import build_model
 from slimcli.prune import compute_keep, masked_dense, prune_model
 from slimcli.registry import ARCHS
 

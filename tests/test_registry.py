@@ -311,3 +311,82 @@ def test_entry_points_load_unless_disabled(tmp_path: Path) -> None:
     )
     assert off.returncode == 0, off.stderr
     assert "fakepen" not in names_in(off.stdout) and "brokenpen" not in off.stderr
+
+
+# ------------------------------------------------------------------------------ one loader
+def test_builtin_plugins_list_every_plugin_module() -> None:
+    """BUILTIN_PLUGINS names each built-in module exactly once (a new file cannot be forgotten)."""
+    import pkgutil
+
+    import slimcli.archs
+    import slimcli.data
+    import slimcli.penalties
+    from slimcli.registry import BUILTIN_PLUGINS
+
+    found = {
+        f"{pkg.__name__}.{m.name}"
+        for pkg in (slimcli.penalties, slimcli.archs, slimcli.data)
+        for m in pkgutil.iter_modules(pkg.__path__)
+        if not m.name.startswith("_")
+    }
+    assert sorted(BUILTIN_PLUGINS) == sorted(found)
+    assert len(set(BUILTIN_PLUGINS)) == len(BUILTIN_PLUGINS)
+    sources = {info.source for registry in REGISTRIES.values() for info in registry}
+    assert {f"built-in {m}" for m in BUILTIN_PLUGINS} <= sources
+
+
+def test_a_plugin_that_fails_half_way_registers_nothing(tmp_path: Path) -> None:
+    """Registered a penalty and an arch, then raised: both registrations are rolled back."""
+    from slimcli.registry import FAILED, load_plugin_file
+
+    path = tmp_path / "half_plugin.py"
+    path.write_text(textwrap.dedent("""
+        from slimcli.registry import register_arch, register_penalty
+
+        @register_penalty("half-test-pen")
+        class HalfPen:
+            '''registered before the failure'''
+
+        @register_arch("half-test-arch")
+        class HalfArch:
+            '''registered before the failure'''
+
+        raise RuntimeError("broken after registering two plugins")
+    """))
+    before = {name: set(registry.names()) for name, registry in REGISTRIES.items()}
+    failed_before = len(FAILED)
+    with pytest.warns(UserWarning, match="half_plugin.py failed to load"):
+        assert load_plugin_file(path) is False
+    assert {name: set(registry.names()) for name, registry in REGISTRIES.items()} == before
+    assert "half-test-pen" not in PENALTIES and "half-test-arch" not in ARCHS
+    assert FAILED[failed_before:] == [(f"file {path}", "RuntimeError: broken after registering two plugins")]
+    del FAILED[failed_before:]
+    # fixed, the same file loads (nothing of the failed attempt is left to clash with)
+    path.write_text(path.read_text().replace('raise RuntimeError("broken after registering two plugins")',
+                                             ""))
+    try:
+        assert load_plugin_file(path) is True
+        assert "half-test-pen" in PENALTIES and "half-test-arch" in ARCHS
+        assert PENALTIES.get("half-test-pen").source == f"file {path}"
+    finally:
+        PENALTIES.unregister("half-test-pen")
+        ARCHS.unregister("half-test-arch")
+
+
+def test_a_failing_builtin_is_a_warning_through_the_same_loader() -> None:
+    """Built-ins go through load_plugin like any plugin: a broken one is skipped with a warning."""
+    code = textwrap.dedent("""
+        import warnings, json
+        import slimcli.registry as r
+        r.BUILTIN_PLUGINS = (*r.BUILTIN_PLUGINS, "slimcli.penalties._no_such_builtin")
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            names = r.PENALTIES.names()
+        print(json.dumps({"names": names, "warnings": [str(x.message) for x in w], "failed": r.FAILED}))
+    """)
+    env = {**os.environ, "SLIM_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    doc = json.loads(res.stdout)
+    assert "l1" in doc["names"] and "tl1" in doc["names"]
+    assert any("built-in slimcli.penalties._no_such_builtin failed to load" in m for m in doc["warnings"])
+    assert doc["failed"][0][0] == "built-in slimcli.penalties._no_such_builtin"

@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 import torch
 
-from slimcli.checkpoint import build_model, file_sha256, load_checkpoint, load_state
+from slimcli.checkpoint import file_sha256, load_checkpoint, load_state
 from slimcli.errors import TrainingError, UsageError
+from slimcli.model import Normalizer, build_model, evaluate_tensors
 from slimcli.penalties import Penalty
 from slimcli.registry import PENALTIES, Option, register_penalty
 from slimcli.train import Reporter, TrainConfig, TrainingInterrupted, train
 from slimcli.train import engine as engine_mod
-from slimcli.train.augment import Normalizer
 from slimcli.train.device import Precision
 
 ARCH = "vgg11:width=0.125"
@@ -127,8 +127,8 @@ def test_run_dir_files_metrics_and_metadata(straight: Path) -> None:
 
     ds = create_dataset(DATA)
     x, y = ds.load("test")
-    loss, acc = engine_mod.evaluate(build_model(best), x, y, Normalizer(ds.mean, ds.std, torch.device("cpu")),
-                                    1000, Precision("off", None, False))
+    loss, acc = evaluate_tensors(build_model(best), x, y, Normalizer(ds.mean, ds.std, torch.device("cpu")),
+                                 1000, Precision("off", None, False).dtype)
     assert acc == pytest.approx(best_row["test_acc"])
     assert loss == pytest.approx(best_row["test_loss"], rel=1e-5)
     # the state file pairs with last.safetensors and carries the config

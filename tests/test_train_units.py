@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimcli.errors import TrainingError, UsageError
+from slimcli.model import Normalizer
 from slimcli.penalties import create_penalty
 from slimcli.train import TrainConfig, optimizer_step
-from slimcli.train.augment import Normalizer, random_crop_flip
+from slimcli.train.augment import random_crop_flip
 from slimcli.train.config import parse_milestones
 from slimcli.train.device import check_device_string, resolve_amp, resolve_device
 from slimcli.train.state import LoopState, pack_state, unpack_state
@@ -162,6 +163,26 @@ def test_proximal_step_applies_prox_after_the_step() -> None:
     torch.testing.assert_close(model[1].weight.detach(), expected, atol=1e-6, rtol=1e-5)
     # threshold lr·λ = 0.3: the small γ becomes exactly 0, the others shrink
     assert (model[1].weight == 0).tolist() == [True, False, False]
+
+
+@pytest.mark.parametrize("update", ["proximal", "subgradient"])
+def test_a_step_skipped_by_the_grad_scaler_leaves_gamma_alone(update: str) -> None:
+    """fp16 overflow: GradScaler skips the step, so neither the weights nor γ may move (the
+    proximal map used to shrink γ anyway). The next, finite step updates both again."""
+    x, y = torch.randn(8, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1] * 4)
+    model = _tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, enabled=True)
+    penalty = create_penalty("l1", 3.0)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    overflow = F.cross_entropy(model(x), y) * float("inf")  # every gradient inf/NaN
+    optimizer_step(overflow, opt, scaler, penalty, [model[1].weight], update)
+    assert scaler.get_scale() < 2.0**12  # the scaler did see the overflow and skipped
+    for k, v in model.named_parameters():  # (BN running statistics move in any forward pass)
+        assert torch.equal(v.detach(), before[k]), k
+    opt.zero_grad(set_to_none=True)  # as the training loop does before every step
+    optimizer_step(F.cross_entropy(model(x), y), opt, scaler, penalty, [model[1].weight], update)
+    assert not torch.equal(model[1].weight.detach(), before["1.weight"])
 
 
 # ---------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from slimcli import __version__
+from slimcli._version import __version__
 
 
 def _version(value: bool) -> None:

@@ -15,7 +15,7 @@ from slimcli.cli._common import device_callback, err, out
 from slimcli.cli.app import app
 
 if TYPE_CHECKING:
-    from slimcli.demo import DemoResult
+    from slimcli.flows.demo import DemoResult
 
 
 def _ratio(value: float | None) -> float | None:
@@ -105,7 +105,7 @@ def demo(
     ONNX and checks it in onnxruntime; ends with one table of params, FLOPs, ONNX size,
     latency and accuracy at each stage.
     """
-    from slimcli.demo import DemoSettings, run_demo
+    from slimcli.flows.demo import DemoSettings, run_demo
     from slimcli.train import make_reporter
 
     settings = DemoSettings.fast() if fast else DemoSettings()

@@ -284,7 +284,7 @@ def _what_if_notes(doc: dict[str, Any]) -> list[str]:
 
 
 def render(doc: dict[str, Any]) -> None:
-    """Print an :func:`~slimcli.inspect.inspect_checkpoint` document as tables on stdout."""
+    """Print an :func:`~slimcli.flows.inspect.inspect_checkpoint` document as tables on stdout."""
     out.print(_header(doc))
     lineage = _lineage(doc)
     if lineage is not None:
@@ -397,7 +397,7 @@ def inspect(
         help="Also draw the histogram and the params/FLOPs-vs-ratio curve (needs matplotlib).")] = None,
 ) -> None:
     """Show a checkpoint: metadata, lineage, size, |γ| histogram, per-layer and what-if pruning tables."""
-    from slimcli.inspect import inspect_checkpoint
+    from slimcli.flows.inspect import inspect_checkpoint
 
     if plot is not None:
         _import_matplotlib()  # fail before the work, not after it

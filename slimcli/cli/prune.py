@@ -17,7 +17,7 @@ from slimcli.cli._common import device_callback, err, out
 from slimcli.cli.app import app
 
 if TYPE_CHECKING:
-    from slimcli.prune.checkpoint import PruneResult
+    from slimcli.flows.prune import PruneResult
 
 RULE = "Pruning rule (exactly one)"
 #: up to this many prunable layers get one table row each; more are packed into columns
@@ -182,7 +182,7 @@ def prune(
     The checkpoint records the kept widths, so it loads without pruning code; --export also
     writes a verified ONNX model, --eval measures accuracy before fine-tuning.
     """
-    from slimcli.prune.checkpoint import newest_checkpoint, prune_checkpoint
+    from slimcli.flows.prune import newest_checkpoint, prune_checkpoint
 
     rules = {"ratio": ratio, "threshold": threshold,
              "target_params": target_params, "target_flops": target_flops}

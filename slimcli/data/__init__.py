@@ -11,6 +11,9 @@ downloaded (md5-checked) unless ``SLIM_OFFLINE=1``. See docs/datasets.md.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -18,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from slimcli.data._paths import OFFLINE_ENV
 from slimcli.errors import DataError, UsageError
 from slimcli.registry import DATASETS, Option, Spec
 
@@ -92,4 +96,19 @@ def create_dataset(spec: str | Spec) -> Dataset:
     return DATASETS.create(spec)
 
 
-__all__ = ["SPLITS", "Dataset", "create_dataset"]
+@contextlib.contextmanager
+def no_downloads() -> Iterator[None]:
+    """Forbid dataset downloads meanwhile (as ``SLIM_OFFLINE=1`` does), e.g. to read a split
+    only if it is already on disk."""
+    old = os.environ.get(OFFLINE_ENV)
+    os.environ[OFFLINE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(OFFLINE_ENV, None)
+        else:
+            os.environ[OFFLINE_ENV] = old
+
+
+__all__ = ["SPLITS", "Dataset", "create_dataset", "no_downloads"]

@@ -1,4 +1,4 @@
-"""Batch augmentation and normalisation on the training device.
+"""Batch augmentation on the training device (normalisation is :class:`slimcli.model.Normalizer`).
 
 The dataset stays on the device as uint8 (4× smaller than float, and no host→device copy per
 step). A batch is augmented with one indexing operation: pad once, draw a crop offset and a
@@ -7,8 +7,6 @@ DataLoader workers, the same code on CPU and CUDA.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,21 +41,3 @@ def random_crop_flip(x: Tensor, crop_pad: int, hflip: bool, generator: torch.Gen
     batch = torch.arange(n, device=dev)[:, None, None, None]
     chans = torch.arange(c, device=dev)[None, :, None, None]
     return x[batch, chans, rows[:, None, :, None], cols[:, None, None, :]]
-
-
-class Normalizer:
-    """uint8 images → float32 ``(x/255 − mean)/std``, as one fused multiply-add per batch."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device,
-                 channels_last: bool = False) -> None:
-        m = torch.tensor(list(mean), dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        s = torch.tensor(list(std), dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        self.scale = 1.0 / (255.0 * s)
-        self.shift = -m / s
-        self.channels_last = channels_last
-
-    def __call__(self, x: Tensor) -> Tensor:
-        out = torch.addcmul(self.shift, x.to(torch.float32), self.scale)
-        if self.channels_last:
-            out = out.contiguous(memory_format=torch.channels_last)
-        return out

@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from slimcli.checkpoint import save_checkpoint
 from slimcli.errors import TrainingError
+from slimcli.model import Normalizer, evaluate_tensors
 from slimcli.penalties import Penalty, add_penalty_grad, apply_prox
-from slimcli.train.augment import Normalizer, random_crop_flip
+from slimcli.train.augment import random_crop_flip
 from slimcli.train.config import TrainConfig
-from slimcli.train.device import Precision
 from slimcli.train.progress import Reporter
 from slimcli.train.setup import bn_scales, prepare
 from slimcli.train.state import (
@@ -75,33 +75,20 @@ def optimizer_step(loss: Tensor, optimizer: torch.optim.Optimizer, scaler: torch
 
     Under fp16 the gradients are scaled by the GradScaler's factor; the subgradient must be
     added to *unscaled* gradients, or it is 2^16 times too weak (sparsity training silently
-    doing nothing under AMP). With the scaler disabled every scaler call is a no-op.
+    doing nothing under AMP). With the scaler disabled every scaler call is a no-op. When the
+    scaler skips a step (fp16 overflow), the proximal update is skipped with it.
     """
     scaler.scale(loss).backward()
     if update == "subgradient":
         scaler.unscale_(optimizer)
         add_penalty_grad(penalty, gammas)
+    scale = scaler.get_scale()  # 1.0 when the scaler is disabled
     scaler.step(optimizer)  # skipped when fp16 gradients overflowed
-    scaler.update()
-    if update == "proximal":
+    scaler.update()  # ... and then the scale backs off: that is how a skipped step shows
+    if update == "proximal" and not scaler.get_scale() < scale:
+        # the prox belongs to the gradient step: without the step, shrinking γ alone would
+        # strengthen the penalty by one extra lr·λ every time fp16 overflows
         apply_prox(penalty, gammas, optimizer.param_groups[0]["lr"])
-
-
-@torch.no_grad()
-def evaluate(net: nn.Module, images: Tensor, labels: Tensor, normalize: Normalizer, batch_size: int,
-             precision: Precision) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over a whole split (one host sync at the end)."""
-    net.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=images.device)
-    correct = torch.zeros((), dtype=torch.int64, device=images.device)
-    for i in range(0, len(labels), batch_size):
-        x, y = normalize(images[i : i + batch_size]), labels[i : i + batch_size]
-        with torch.autocast(images.device.type, dtype=precision.dtype, enabled=precision.dtype is not None):
-            logits = net(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-    n = max(len(labels), 1)
-    return loss_sum.item() / n, correct.item() / n
 
 
 def gamma_fractions(gammas: list[Tensor]) -> tuple[float, float]:
@@ -147,7 +134,8 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     run.run_dir.mkdir(parents=True, exist_ok=True)
     truncate_metrics(run.run_dir, loop.epoch)  # lines past the saved epoch are replayed, not doubled
     net = torch.compile(model) if cfg.compile else model
-    autocast = torch.autocast(device.type, dtype=run.precision.dtype, enabled=run.precision.dtype is not None)
+    amp_dtype = run.precision.dtype
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     n, bs = len(y_train), cfg.batch_size
     steps, eval_bs = math.ceil(n / bs), max(bs, 1000)
     metrics_meta = dict(run.base_meta.get("metrics") or {})
@@ -186,7 +174,7 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
             if run.resume is not None:
                 reporter.message(f"resuming {run.run_dir} at epoch {loop.epoch + 1}, step {loop.step}")
             if cfg.epochs == 0 and run.resume is None:  # nothing to train: evaluate and record the model
-                test_loss, test_acc = evaluate(net, x_test, y_test, normalize, eval_bs, run.precision)
+                test_loss, test_acc = evaluate_tensors(net, x_test, y_test, normalize, eval_bs, amp_dtype)
                 metrics_meta[cfg.stage] = {"epoch": 0, "test_loss": test_loss, "test_acc": test_acc}
                 loop.best_acc = test_acc
                 save(best=True)
@@ -237,7 +225,7 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
                     raise interrupted(stop.signum or 2, f"in epoch {epoch} at step {loop.step}/{steps}")
                 scheduler.step()
                 t1 = time.perf_counter()
-                test_loss, test_acc = evaluate(net, x_test, y_test, normalize, eval_bs, run.precision)
+                test_loss, test_acc = evaluate_tensors(net, x_test, y_test, normalize, eval_bs, amp_dtype)
                 frac2, frac4 = gamma_fractions(gammas)
                 with torch.no_grad():
                     pen = penalty.lam * float(penalty.value_many([g.detach() for g in gammas]))

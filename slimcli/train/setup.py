@@ -14,8 +14,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from slimcli.checkpoint import build_model, lineage_entry, load_checkpoint, load_state
+from slimcli.archs import create_arch
+from slimcli.checkpoint import lineage_entry, load_checkpoint, load_state
+from slimcli.data import create_dataset
 from slimcli.errors import UsageError
+from slimcli.model import build_model
 from slimcli.penalties import Penalty, create_penalty
 from slimcli.registry import ARCHS, DATASETS
 from slimcli.train.config import TrainConfig
@@ -81,9 +84,6 @@ def _resumed_config(config: TrainConfig) -> tuple[TrainConfig, Path, Any, tuple[
 
 def prepare(config: TrainConfig) -> Run:
     """Validate ``config`` and build the run (model on the device, dataset object, metadata)."""
-    from slimcli.archs import create_arch
-    from slimcli.data import create_dataset
-
     config.validate()
     resume = None
     ckpt = parent = None

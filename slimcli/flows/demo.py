@@ -34,7 +34,16 @@ from typing import Any
 
 import torch
 
+from slimcli.checkpoint import load_checkpoint
+from slimcli.data import create_dataset
 from slimcli.errors import UsageError
+from slimcli.export import INPUT_NAME, OUTPUT_NAME, export_checkpoint
+from slimcli.flows.inspect import inspect_checkpoint
+from slimcli.flows.prune import prune_checkpoint
+from slimcli.measure import measure
+from slimcli.model import Normalizer, build_model, evaluate, normalization_of
+from slimcli.train import TrainConfig, train
+from slimcli.train.device import resolve_device
 
 Log = Callable[[str], None]
 
@@ -141,8 +150,6 @@ def _onnx_accuracy(path: Path, images: torch.Tensor, labels: torch.Tensor, model
     """Test accuracy of an ONNX file in onnxruntime, and how many predictions differ from PyTorch."""
     import onnxruntime as ort
 
-    from slimcli.export import INPUT_NAME, OUTPUT_NAME
-    from slimcli.train.augment import Normalizer
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -172,16 +179,6 @@ def run_demo(
     ``log`` receives one line per step (and the reasons for the choices); ``reporter`` is the
     training engine's progress reporter (default: silent).
     """
-    from slimcli.checkpoint import build_model, load_checkpoint
-    from slimcli.data import create_dataset
-    from slimcli.evaluate import evaluate, normalization_of
-    from slimcli.export import export_checkpoint
-    from slimcli.inspect import inspect_checkpoint
-    from slimcli.measure import measure
-    from slimcli.prune.checkpoint import prune_checkpoint
-    from slimcli.train import TrainConfig, train
-    from slimcli.train.device import resolve_device
-
     settings = (settings or DemoSettings()).validate()
     device = resolve_device(settings.device)  # a missing CUDA fails here, before any training
     say = log or (lambda _msg: None)

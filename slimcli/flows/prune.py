@@ -5,7 +5,7 @@
 (:func:`~slimcli.prune.prune_model`), optionally measures its test accuracy right away (the
 paper's "before fine-tuning" number) and exports it to ONNX with the code of ``slim export``,
 and writes a checkpoint of stage ``pruned`` whose ``slim.widths`` let
-:func:`slimcli.checkpoint.build_model` rebuild it from the dense architecture.
+:func:`slimcli.model.build_model` rebuild it from the dense architecture.
 
 Nothing is half-written: every input is checked first (rule, value, output paths, the ONNX
 folder), the checkpoint goes to a temporary file, the ONNX export (itself atomic) follows,
@@ -21,20 +21,20 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
 from slimcli._fs import atomic_target
-from slimcli.checkpoint import STATE_SUFFIX
+from slimcli.checkpoint import STATE_SUFFIX, ensure_folder, lineage_entry, load_checkpoint, save_checkpoint
 from slimcli.errors import CheckpointError, DataError, UsageError
+from slimcli.export import ExportReport, check_onnx_destination, export_checkpoint, latest_accuracy
+from slimcli.measure import Measurement, measure
+from slimcli.model import build_model, evaluate, normalization_of
 from slimcli.prune.fold import fold_summary
 from slimcli.prune.rules import RULES, KeepPlan, compute_keep
 from slimcli.prune.surgery import PruneReport, prune_model
-
-if TYPE_CHECKING:
-    from slimcli.export import ExportReport
-    from slimcli.measure import Measurement
+from slimcli.train.device import resolve_device
 
 SUFFIX = ".safetensors"
 #: what each rule's value is, for messages
@@ -222,16 +222,6 @@ def prune_checkpoint(
     receives progress lines. ``fold_shift`` folds the removed channels' BatchNorm shifts into
     the next layers (:mod:`slimcli.prune.fold`) instead of dropping them.
     """
-    from slimcli.checkpoint import (
-        build_model,
-        ensure_folder,
-        lineage_entry,
-        load_checkpoint,
-        save_checkpoint,
-    )
-    from slimcli.export import check_onnx_destination, export_checkpoint, latest_accuracy
-    from slimcli.measure import measure
-
     say = log or (lambda _msg: None)
     value = check_rule(rule, value)
     if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 0:
@@ -257,9 +247,6 @@ def prune_checkpoint(
 
     accuracy = loss = None
     if eval:
-        from slimcli.evaluate import evaluate, normalization_of
-        from slimcli.train.device import resolve_device
-
         dev = resolve_device(device)
         say(f"evaluating the pruned model on {ckpt.meta['dataset']} (test split, {dev})")
         loss, accuracy = evaluate(slim, str(ckpt.meta["dataset"]), data_dir, dev,

@@ -31,9 +31,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-from slimcli.checkpoint import Checkpoint, build_model, load_checkpoint
+from slimcli.checkpoint import Checkpoint, load_checkpoint
 from slimcli.errors import UsageError
 from slimcli.measure import Measurement, measure
+from slimcli.model import build_model
 from slimcli.prune import (
     BNInfo,
     WhatIfRow,
