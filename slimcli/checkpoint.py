@@ -340,7 +340,7 @@ def _parse_header(data: bytes, path: Path, what: str) -> dict[str, Any]:
             if name == "__metadata__":
                 continue
             end = max(end, int(entry["data_offsets"][1]))
-    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as exc:
+    except (ValueError, KeyError, TypeError, IndexError, OverflowError, UnicodeDecodeError) as exc:
         raise CheckpointError(
             f"{path} is corrupt (unreadable header: {exc}); re-create or re-copy it"
         ) from None

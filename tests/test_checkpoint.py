@@ -382,6 +382,23 @@ def test_corrupt_header_and_trailing_garbage(tmp_path: Path) -> None:
     assert "corrupt" in error_of(broken)
 
 
+def test_header_with_absurd_offsets_is_corrupt_not_a_crash(tmp_path: Path) -> None:
+    """data_offsets of 1e999 (inf after json.loads), negative or non-numeric: one clear error."""
+    good = tmp_path / "good.safetensors"
+    save_checkpoint(good, {"w": torch.randn(8)}, full_meta())
+    data = good.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = data[8 : 8 + n].decode()
+    for bad in ("1e999", '"x"', "null"):
+        text = header.replace('"data_offsets":[0,32]', f'"data_offsets":[0,{bad}]')
+        assert text != header
+        raw = text.encode()
+        path = tmp_path / "bad.safetensors"
+        path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+        message = error_of(path)
+        assert "corrupt" in message or "truncated" in message, (bad, message)
+
+
 def _rewrite_meta(src: Path, dst: Path, edit: dict[str, str | None]) -> None:
     from safetensors.torch import load, save
 
