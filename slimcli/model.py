@@ -3,7 +3,9 @@
 :func:`build_model` turns a loaded checkpoint into the model it describes (registered arch →
 recorded widths → strict load); :class:`Normalizer` is the one uint8 → float preprocessing;
 :func:`evaluate_tensors` is the one evaluation loop and :func:`evaluate` runs it on a
-registered dataset, so an accuracy printed anywhere equals the one training recorded.
+registered dataset, so an accuracy printed anywhere equals the one training recorded;
+:func:`recalibrate` re-estimates BatchNorm statistics on :func:`calibration_images` after
+pruning.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from torch import Tensor, nn
 
 from slimcli.archs import create_arch
 from slimcli.checkpoint import Checkpoint
-from slimcli.data import create_dataset
+from slimcli.data import create_dataset, no_downloads
 from slimcli.errors import CheckpointError, DataError, UsageError
 from slimcli.prune import apply_widths
+from slimcli.prune.recalibrate import recalibrate_batchnorm
 from slimcli.registry import ARCHS
 
 EVAL_BATCH = 1000
@@ -181,4 +184,54 @@ def evaluate(
     return evaluate_tensors(model, images.to(dev), labels.to(dev), Normalizer(mean, std, dev), batch_size)
 
 
-__all__ = ["EVAL_BATCH", "Normalizer", "build_model", "evaluate", "evaluate_tensors", "normalization_of"]
+# --------------------------------------------------------------------------------------
+# BatchNorm recalibration data
+# --------------------------------------------------------------------------------------
+#: Batch size of the recalibration passes (the cumulative average weights batches equally).
+CALIBRATION_BATCH = 256
+
+
+def calibration_images(
+    dataset_spec: str, n: int, *, seed: int = 0, data_dir: str | os.PathLike[str] | None = None
+) -> Tensor:
+    """``n`` training images (uint8) of a dataset: a random subset drawn with ``seed``, no
+    augmentation (the test-time view of the data). Never downloads; a dataset that is not on
+    disk is a :class:`DataError`. Fewer images than ``n`` in the split: all of them."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UsageError(f"the number of recalibration images must be an integer >= 1, got {n!r}")
+    dataset = create_dataset(dataset_spec)
+    with no_downloads():
+        images, _ = dataset.load("train", Path(data_dir) if data_dir else None)
+    if len(images) == 0:
+        raise DataError(f"dataset {dataset.spec} has an empty train split; nothing to recalibrate on")
+    if n >= len(images):
+        return images
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    return images[order[:n]]
+
+
+def recalibrate(
+    model: nn.Module, images: Tensor, normalization: tuple[Sequence[float], Sequence[float]],
+    device: str | torch.device = "cpu", batch_size: int = CALIBRATION_BATCH,
+) -> int:
+    """Re-estimate ``model``'s BatchNorm statistics in place on uint8 ``images`` normalised with
+    ``normalization`` (mean, std), in batches of ``batch_size``; see
+    :func:`slimcli.prune.recalibrate_batchnorm`. Returns the number of images used."""
+    dev = torch.device(device)
+    model.to(dev)
+    normalize = Normalizer(*normalization, dev)
+    batches = (normalize(images[i : i + batch_size].to(dev)) for i in range(0, len(images), batch_size))
+    return recalibrate_batchnorm(model, batches)
+
+
+__all__ = [
+    "CALIBRATION_BATCH",
+    "EVAL_BATCH",
+    "Normalizer",
+    "build_model",
+    "calibration_images",
+    "evaluate",
+    "evaluate_tensors",
+    "normalization_of",
+    "recalibrate",
+]
