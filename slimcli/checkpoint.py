@@ -18,9 +18,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import shlex
 import struct
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 from torch import Tensor, nn
 
+from slimcli._cmdline import command_line
 from slimcli._fs import atomic_write_bytes
 from slimcli._version import __version__
 from slimcli.errors import CheckpointError
@@ -107,22 +106,14 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-_command_line: list[str] | None = None  # set by the CLI's main(); else sys.argv is used
-
-
-def set_command_line(args: list[str]) -> None:
-    """Record the ``slim`` arguments this process runs with (for lineage records)."""
-    global _command_line
-    _command_line = list(args)
-
-
 def lineage_entry(stage: str, parent_sha: str | None, command: str | None = None) -> dict[str, Any]:
     """One lineage record: the stage, the parent checkpoint's sha256, the command line and UTC time.
 
-    ``command`` defaults to the command line given to ``slim`` (see :func:`set_command_line`).
+    ``command`` defaults to the command line given to ``slim``
+    (see :func:`slimcli._cmdline.set_command_line`).
     """
     if command is None:
-        command = shlex.join(["slim", *(_command_line if _command_line is not None else sys.argv[1:])])
+        command = command_line()
     return {
         "stage": stage,
         "parent": parent_sha,

@@ -31,6 +31,36 @@ def test_version_via_module() -> None:
     assert res.returncode == 0 and res.stdout == f"slim {slimcli.__version__}\n" and res.stderr == ""
 
 
+#: run main(argv) in a fresh interpreter, then print which heavy libraries it imported
+_IMPORT_PROBE = """
+import json, sys
+from slimcli.cli import main
+try:
+    main(json.loads(sys.argv[1]))
+except SystemExit as exc:
+    code = exc.code
+else:
+    code = None
+heavy = ("torch", "torchvision", "numpy", "safetensors", "onnx", "onnxruntime", "matplotlib")
+print(json.dumps({"code": code, "typer": "typer" in sys.modules,
+                  "heavy": sorted(m for m in heavy if m in sys.modules)}), file=sys.__stderr__)
+"""
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], [], *([cmd, "--help"] for cmd in (
+    "sparsify-train", "finetune", "prune", "inspect", "export", "demo", "list"))],
+                         ids=lambda a: " ".join(a) or "no-args")
+def test_version_and_help_do_not_import_torch(args: list[str]) -> None:
+    """Start-up stays fast (docs/benchmarks.md): --version/--help never import torch or numpy."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SLIM_DEBUG", "SLIM_PLUGINS")}
+    res = subprocess.run([sys.executable, "-c", _IMPORT_PROBE, json.dumps(args)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    probe = json.loads(res.stderr.strip().splitlines()[-1])
+    assert probe["typer"] and probe["code"] in (0, 2, None), probe  # no-args shows help (exit 2 in click 8.2)
+    assert probe["heavy"] == [], f"slim {' '.join(args)} imported {probe['heavy']}"
+
+
 def test_console_script_list_json_is_pure_json_on_stdout() -> None:
     script = Path(sys.executable).with_name("slim")
     assert script.exists(), "the package must be installed (pip install -e .) so the slim script exists"

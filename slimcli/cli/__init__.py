@@ -2,6 +2,10 @@
 
 Each command lives in its own module and registers itself on :data:`app`; :func:`main`
 turns library errors into one ``Error: …`` line (exit 1, or 2 for usage errors).
+
+Start-up: no command module imports torch (or any library module that does) at module level;
+they import the library inside the command body, so ``slim --help``, ``slim --version`` and
+``slim CMD --help`` stay fast. tests/test_cli_basics.py guards it; see docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import sys
 import warnings
 from typing import TextIO
 
-from slimcli.checkpoint import set_command_line
+from slimcli._cmdline import set_command_line
 from slimcli.cli import demo as _demo  # noqa: F401  (registers the command)
 from slimcli.cli import export as _export  # noqa: F401  (registers the command)
 from slimcli.cli import finetune as _finetune  # noqa: F401  (registers the command)

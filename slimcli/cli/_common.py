@@ -31,7 +31,7 @@ def spec_callback(registry: Registry) -> Callable[[str | None], str | None]:
 
 def device_callback(value: str) -> str:
     """A Typer callback that checks a ``--device`` string (auto, cpu, cuda, cuda:N)."""
-    from slimcli.train.device import check_device_string  # lazily: it imports torch
+    from slimcli.train.device import check_device_string  # lazily: start-up cost, see docs/benchmarks.md
 
     try:
         return check_device_string(value)

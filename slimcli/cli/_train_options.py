@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -18,8 +18,11 @@ from rich.table import Table
 from slimcli.cli._common import device_callback, err, out, spec_callback
 from slimcli.errors import UsageError
 from slimcli.registry import ARCHS, DATASETS, PENALTIES
-from slimcli.train import TrainConfig, TrainingInterrupted, TrainResult, make_reporter, train
-from slimcli.train.config import parse_milestones
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from slimcli.train import Reporter, TrainConfig, TrainResult
 
 TRAIN = "Training"  # help panel
 
@@ -56,6 +59,10 @@ def _seed(value: int) -> int:
 
 
 def _milestones(value: str) -> str:
+    # lazily: start-up cost, see docs/benchmarks.md (slimcli.train imports torch)
+    from slimcli.train import TrainConfig
+    from slimcli.train.config import parse_milestones
+
     try:
         TrainConfig(milestones=parse_milestones(value)).validate()
     except UsageError as exc:
@@ -126,8 +133,18 @@ def check_resume_alone(ctx: typer.Context, resume: Path | None) -> None:
         )
 
 
+def make_reporter(console: Console, quiet: bool) -> Reporter:
+    """:func:`slimcli.train.make_reporter`, imported when a training command runs."""
+    from slimcli.train import make_reporter as make  # lazily: start-up cost, see docs/benchmarks.md
+
+    return make(console, quiet)
+
+
 def run_training(config: TrainConfig) -> TrainResult:
     """Run the engine with progress on stderr; on Ctrl-C say how to resume and exit 130."""
+    # lazily: start-up cost, see docs/benchmarks.md (slimcli.train imports torch)
+    from slimcli.train import TrainingInterrupted, train
+
     try:
         result = train(config, make_reporter(err, config.quiet))
     except TrainingInterrupted as exc:

@@ -35,6 +35,7 @@ def _pct(x: float | None) -> str:
 
 
 def _render(r: DemoResult) -> None:
+    # lazily: start-up cost, see docs/benchmarks.md (these import torch)
     from slimcli.measure import human
 
     s = r.settings
@@ -105,6 +106,7 @@ def demo(
     ONNX and checks it in onnxruntime; ends with one table of params, FLOPs, ONNX size,
     latency and accuracy at each stage.
     """
+    # lazily: start-up cost, see docs/benchmarks.md (these import torch)
     from slimcli.flows.demo import DemoSettings, run_demo
     from slimcli.train import make_reporter
 

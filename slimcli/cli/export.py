@@ -89,6 +89,7 @@ def export(
     latency_runs: int = typer.Option(50, "--latency-runs", min=0, help="Timed batch-1 runs (0: skip)."),
 ) -> None:
     """Export a checkpoint to one ONNX file (dynamic batch, metadata), checked against PyTorch."""
+    # lazily: start-up cost, see docs/benchmarks.md (these import torch)
     from slimcli.checkpoint import load_checkpoint
     from slimcli.export import export_checkpoint
 

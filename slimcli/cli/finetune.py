@@ -10,8 +10,6 @@ import typer
 from slimcli.cli import _train_options as o
 from slimcli.cli.app import app
 from slimcli.registry import DATASETS
-from slimcli.train import TrainConfig
-from slimcli.train.config import parse_milestones
 
 
 @app.command("finetune", short_help="Retrain a (pruned) checkpoint, no penalty by default.")
@@ -48,6 +46,10 @@ def finetune(
 
     The result is stage "finetuned" with the parent's sha256 in its lineage.
     """
+    # lazily: start-up cost, see docs/benchmarks.md (slimcli.train imports torch)
+    from slimcli.train import TrainConfig
+    from slimcli.train.config import parse_milestones
+
     o.check_resume_alone(ctx, resume)
     if resume is None and ckpt is None:
         raise typer.BadParameter("give the checkpoint to fine-tune, or --resume RUN_DIR", param_hint="CKPT")

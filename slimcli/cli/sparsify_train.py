@@ -6,8 +6,6 @@ import typer
 
 from slimcli.cli import _train_options as o
 from slimcli.cli.app import app
-from slimcli.train import TrainConfig
-from slimcli.train.config import parse_milestones
 
 
 @app.command("sparsify-train", short_help="Train with a sparsity penalty on BN scales γ.")
@@ -42,6 +40,10 @@ def sparsify_train(
     Writes best/last checkpoints and metrics.jsonl into the run folder every epoch; Ctrl-C
     saves and exits, --resume RUN_DIR continues exactly.
     """
+    # lazily: start-up cost, see docs/benchmarks.md (slimcli.train imports torch)
+    from slimcli.train import TrainConfig
+    from slimcli.train.config import parse_milestones
+
     o.check_resume_alone(ctx, resume)
     config = TrainConfig(
         arch=arch, dataset=dataset, penalty=penalty, lam=lam, update=update.value, epochs=epochs,
