@@ -6,22 +6,26 @@ Call them from a plugin's tests, one line each::
 
     def test_contract():
         check_penalty("logsum")            # a spec string, or the registered class
-        check_arch("tinycnn:width=8")      # forward, fx trace, ONNX, init, stem, strict reload
+        check_arch("tinycnn:width=8")      # forward, fx trace, ONNX, pruning, init, stem, strict reload
         check_dataset("stripes:n=64")      # attributes, both splits, split validation
 
 Each check raises :class:`AssertionError` saying what broke (and works under ``python -O``:
 it does not rely on ``assert`` statements). The arch checks are also available one by one
-(:func:`check_arch_forward`, …) for finer-grained test reports. Nothing here needs pytest.
+(:func:`check_arch_forward`, …, :func:`check_arch_prune`) for finer-grained test reports;
+so are the penalty's numerical checks (:func:`check_penalty_autograd`,
+:func:`check_penalty_prox`, with :func:`brute_force_prox`), which take known kinks, probe
+points and tolerances where a plugin's author knows more. Nothing here needs pytest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +33,9 @@ from torch import Tensor, nn
 from slimcli.archs import create_arch
 from slimcli.data import Dataset, create_dataset
 from slimcli.errors import UsageError
+from slimcli.measure import count_params
 from slimcli.penalties import Penalty, create_penalty
+from slimcli.prune import apply_widths, compute_keep, masked_dense, prunable_bns, prune_model
 from slimcli.registry import ARCHS, DATASETS, PENALTIES, Registry
 
 #: |x| at which penalties are probed (each with both signs): 0, tiny values, a wide range of magnitudes.
@@ -41,6 +47,25 @@ PROX_STEPS = (1e-3, 0.1, 1.0)
 #: input shapes the arch contract builds for: CIFAR-like and (Fashion-)MNIST-like
 ARCH_SHAPES: tuple[tuple[int, int, int], ...] = ((3, 32, 32), (1, 28, 28))
 _CLASSES = 7  # an unusual class count, so nothing can hard-code 10
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """One torch thread inside, the previous count restored after.
+
+    The numerical checks work on tensors of a few 10⁵ elements at most; threads only slow them
+    down, and on a busy 2-core machine two spin-waiting OpenMP threads made one brute-force
+    prox take 1.9 s instead of 0.03 s.
+    """
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _expect(ok: bool, message: str) -> None:
@@ -81,10 +106,20 @@ def check_penalty(
     subgradient keeps shape, dtype and device, is finite (also at 0) and odd; ``prox`` (where
     there is one: otherwise ``has_prox`` must be false) keeps shape and dtype, is finite,
     maps 0 to 0 and is odd for a separable penalty; the spec string round-trips.
+
+    When ``dtypes`` includes float64, the numerical checks run too (in float64, once):
+    :func:`check_penalty_autograd` (the subgradient is autograd of ``value`` wherever R is
+    differentiable) and, for a penalty with a prox, :func:`check_penalty_prox` (``prox``
+    minimises ½‖x − y‖² + step·R(x) as well as a brute-force search does).
     """
     spec = _spec(PENALTIES, cls_or_spec)
+    dtypes = tuple(dtypes)
     for dtype in dtypes:
         _check_penalty_in(spec, lam, dtype)
+    if torch.float64 in dtypes:
+        check_penalty_autograd(spec, lam=lam)
+        if create_penalty(spec, lam=lam).has_prox:
+            check_penalty_prox(spec, lam=lam)
 
 
 def _check_penalty_in(spec: str, lam: float, dtype: torch.dtype) -> None:
@@ -134,6 +169,317 @@ def _check_penalty_in(spec: str, lam: float, dtype: torch.dtype) -> None:
     again = PENALTIES.parse(pen.spec).options
     _expect(again == PENALTIES.parse(spec).options,
             f"{where}: spec {pen.spec!r} does not round-trip ({again})")
+
+
+F64 = torch.float64
+#: the non-separable probe of :func:`check_penalty_prox`: 2-vectors (zero, tiny, sparse, tied, dense)
+PROX_ROWS = (
+    (0.0, 0.0), (1e-12, 0.0), (0.3, 0.1), (0.3, 0.3), (-0.2, 0.05), (1.5, -0.7), (2.0, 0.2),
+    (0.5, 0.49), (0.08, -0.02), (1.0, 1.0), (-0.9, 0.0), (0.61, 0.6),
+)  # fmt: skip
+
+
+def _penalty(cls_or_spec: str | type[Penalty] | Penalty, lam: float) -> tuple[Penalty, str]:
+    if isinstance(cls_or_spec, Penalty):
+        return cls_or_spec, cls_or_spec.spec
+    spec = _spec(PENALTIES, cls_or_spec)
+    return create_penalty(spec, lam=lam), spec
+
+
+def elementwise_value(pen: Penalty, x: Tensor) -> Tensor:
+    """R of every element of ``x`` (a separable penalty), through the penalty's own ``value``.
+
+    Uses :func:`torch.vmap`; a ``value`` that cannot be vmapped is called element by element.
+    """
+    flat = x.reshape(-1)
+    try:
+        out = torch.vmap(lambda v: pen.value(v.unsqueeze(0)))(flat)
+    except Exception:
+        out = torch.stack([pen.value(v.unsqueeze(0)) for v in flat]) if len(flat) else flat.clone()
+    return out.view_as(x)
+
+
+def _row_values(pen: Penalty, rows: Tensor) -> Tensor:
+    """``value`` of every row of ``rows`` (…, d): a non-separable penalty, one vector per row."""
+    flat = rows.reshape(-1, rows.shape[-1])
+    try:
+        out = torch.vmap(pen.value)(flat)
+    except Exception:
+        out = torch.stack([pen.value(v) for v in flat])
+    return out.view(rows.shape[:-1])
+
+
+@single_thread()
+def check_penalty_autograd(
+    cls_or_spec: str | type[Penalty] | Penalty,
+    *,
+    lam: float = 0.05,
+    points: Tensor | None = None,
+    kinks: Iterable[float] | None = None,
+    n: int = 2000,
+    seed: int = 0,
+    rtol: float = 1e-6,
+    atol: float = 1e-12,
+) -> None:
+    """``subgradient`` equals autograd of ``value`` (float64) wherever R is differentiable.
+
+    The points are ``points`` as given, or else ``n`` seeded random values uniform in
+    (−3, 3) with |x| > 10⁻² (away from 0, R's kink, and from smoothing near it such as lp's
+    ``eps``); a non-separable penalty is probed on vectors: ``points`` is then one vector or a
+    batch of rows, and the random probe is ``n // 20`` vectors of length 5.
+
+    Where R is not differentiable is decided by one of two rules:
+
+    * ``kinks`` given (the |x| where R has a kink, e.g. ``{0.6}`` for MCP with aθ = 0.6): the
+      points within 10⁻⁶ of ±kink are dropped (for vectors: a vector with any such entry),
+      and the subgradient must match autograd at every other point.
+    * ``kinks`` None (unknown, the default, what :func:`check_penalty` does): a point is
+      skipped where autograd is not finite, or where it disagrees with a central finite
+      difference of ``value`` (step h = 10⁻⁶·max(|x|, 10⁻²), |fd − autograd| > 10⁻⁴·(1 +
+      |autograd|)): R has a kink or jump within h of it. At most 5 % of the points may be
+      skipped; more means ``value`` is not differentiable by autograd (a ``value`` computed
+      outside autograd counts as derivative 0, right only for a constant R).
+
+    The comparison is ``torch.testing.assert_close(subgradient, autograd, rtol, atol)``.
+    """
+    pen, spec = _penalty(cls_or_spec, lam)
+    where = f"penalty {spec}"
+    separable = pen.separable
+    if points is None:
+        g = torch.Generator().manual_seed(seed)
+        size = (n,) if separable else (max(n // 20, 1), 5)
+        x = torch.rand(size, generator=g, dtype=F64) * 6 - 3
+        x = x[x.abs() > 1e-2] if separable else x[(x.abs() > 1e-2).all(-1)]
+    else:
+        x = torch.as_tensor(points, dtype=F64).detach().clone()
+        if not separable and x.dim() == 1:
+            x = x.unsqueeze(0)
+    if not separable:
+        x = x.reshape(-1, x.shape[-1])
+    if kinks is not None:
+        kinks = tuple(float(k) for k in kinks)
+        away = torch.ones_like(x, dtype=torch.bool)
+        for k in kinks:
+            away &= (x.abs() - k).abs() > 1e-6
+        x = x[away] if separable else x[away.all(-1)]
+
+    auto = _autograd_of_value(pen, x)
+    sub = pen.subgradient(x) if separable else torch.stack([pen.subgradient(v) for v in x])
+    _expect(sub.shape == x.shape, f"{where}: subgradient() changed the shape {tuple(x.shape)}")
+    if kinks is None:
+        smooth = torch.isfinite(auto) & _agrees_with_finite_differences(pen, x, auto)
+        if not separable:
+            smooth = smooth.all(-1, keepdim=True).expand_as(x)
+        skipped = int((~smooth).sum())
+        _expect(skipped <= 0.05 * smooth.numel(),
+                f"{where}: autograd of value() is not finite or disagrees with finite differences of "
+                f"value() at {skipped} of {smooth.numel()} points (e.g. x = {x[~smooth][:3].tolist()}): "
+                f"value() must be differentiable by autograd almost everywhere")
+        x, auto, sub = x[smooth], auto[smooth], sub[smooth]
+    torch.testing.assert_close(
+        sub, auto, rtol=rtol, atol=atol,
+        msg=lambda m: f"{where}: subgradient() is not the autograd derivative of value() "
+                      f"where R is differentiable. {m}",
+    )
+
+
+def _autograd_of_value(pen: Penalty, x: Tensor) -> Tensor:
+    """d value / dx per element (separable: one call; rows: one call per row)."""
+    def grad(v: Tensor) -> Tensor:
+        v = v.detach().clone().requires_grad_(True)
+        out = pen.value(v)
+        if not out.requires_grad:  # computed outside autograd: derivative 0 (finite differences decide)
+            return torch.zeros_like(v)
+        (d,) = torch.autograd.grad(out, v, allow_unused=True)
+        return torch.zeros_like(v) if d is None else d
+
+    with torch.enable_grad():
+        return grad(x) if pen.separable else torch.stack([grad(v) for v in x]) if len(x) else x.clone()
+
+
+def _agrees_with_finite_differences(pen: Penalty, x: Tensor, auto: Tensor) -> Tensor:
+    h = 1e-6 * x.abs().clamp(min=1e-2)
+    if pen.separable:
+        fd = (elementwise_value(pen, x + h) - elementwise_value(pen, x - h)) / (2 * h)
+    else:
+        eye = torch.eye(x.shape[-1], dtype=x.dtype)  # perturb one coordinate of each row at a time
+        step = h[:, None, :] * eye  # (rows, d, d)
+        up, down = _row_values(pen, x[:, None, :] + step), _row_values(pen, x[:, None, :] - step)
+        fd = (up - down) / (2 * h)
+    return (fd - auto).abs() <= 1e-4 * (1 + auto.abs())
+
+
+class BruteForce(NamedTuple):
+    """A brute-force minimiser of ½‖x − y‖² + step·R(x) (see :func:`brute_force_prox`)."""
+
+    x: Tensor  #: the best point found, per problem
+    objective: Tensor  #: its objective: an upper bound on (and very close to) the minimum
+    unique: Tensor  #: the minimiser is unique (only there may x be compared, not just the objective)
+    spacing: Tensor  #: the coarse grid's spacing, per problem (x is accurate to far better)
+
+
+@single_thread()
+def brute_force_prox(
+    pen: Penalty, y: Tensor, step: float, *, n: int | None = None, bound: float | None = None
+) -> BruteForce:
+    """argmin_x ½‖x − y‖² + step·R(x) by grid search, for comparison with ``pen.prox``.
+
+    Separable R: ``y`` is a vector of independent 1-D problems. R ≥ 0 and R(0) = 0 put the
+    minimiser within |x − y| ≤ |y| (x = 0 already scores ½y²), so x = s·y is searched on a
+    grid of ``n`` (2001) values of s in [0, 2]; each of the three best coarse local minima
+    is refined three times (401 points over ±2 grid steps each time, so the best point is
+    within 10⁻⁹·|y| of a local minimiser) and the best kept. The minimiser counts as unique
+    when the coarse grid points within (spacing² + 10⁻¹²(1 + y²)) of the minimum span at
+    most 50 grid steps:
+    where R is concave on x > 0 (every built-in) the neighbours of a minimiser lie within
+    spacing² of it, so a wider set means several (near-)minimisers, where only the objective
+    can be compared.
+
+    Non-separable R: ``y`` holds one 2-vector per row. The grid is ``n`` (121) points per axis
+    over [−bound, bound]² (default 2·max‖y‖, which holds every minimiser by the same
+    argument), shared by all rows, then two local refinements of 41² points over ±2 steps.
+    The minimiser counts as unique when the grid points within 8h(bound + step + 1) of the
+    minimum lie within 10 grid steps h of the best point.
+
+    R must be ≥ 0 on the grid (an :class:`AssertionError` says otherwise).
+    """
+    y = torch.as_tensor(y, dtype=F64)
+    if pen.separable:
+        return _brute_1d(pen, y, step, 2001 if n is None else n)
+    if y.dim() != 2 or y.shape[-1] != 2:
+        raise ValueError(f"a non-separable penalty is brute-forced on 2-vectors: y of shape (rows, 2), "
+                         f"got {tuple(y.shape)}")
+    if bound is None:
+        bound = max(2 * float(torch.linalg.vector_norm(y, dim=-1).max()), 1e-3)
+    return _brute_2d(pen, y, step, 121 if n is None else n, float(bound))
+
+
+def _nonnegative(pen: Penalty, r: Tensor, x: Tensor) -> None:
+    bad = r < -1e-12 * (1 + x.square())
+    if bool(bad.any()):
+        raise AssertionError(f"penalty {pen.spec}: R must be >= 0 (the brute-force prox check relies on it); "
+                             f"R({x[bad][:3].tolist()}) = {r[bad][:3].tolist()}")
+
+
+def _brute_1d(pen: Penalty, y: Tensor, t: float, n: int) -> BruteForce:
+    def objective(s: Tensor) -> Tensor:
+        x = y[:, None] * s
+        r = elementwise_value(pen, x)
+        _nonnegative(pen, r, x)
+        return 0.5 * (x - y[:, None]).square() + t * r
+
+    rows = torch.arange(len(y))
+    s = torch.linspace(0, 2, n, dtype=F64).expand(len(y), n)
+    f = objective(s)
+    fmin, idx = f.min(1)
+    h0 = 2 / (n - 1)
+    # the three best coarse local minima (the global one among them), each refined twice
+    inf = torch.full_like(f[:, :1], math.inf)
+    left, right = torch.cat([inf, f[:, :-1]], 1), torch.cat([f[:, 1:], inf], 1)
+    local = torch.where((f <= left) & (f <= right), f, math.inf)
+    starts = torch.cat([idx[:, None], local.topk(min(3, n), dim=1, largest=False).indices], 1)
+    best = s[rows, idx]
+    for c in range(starts.shape[1]):
+        cand, fc, h = s[rows, starts[:, c]], f[rows, starts[:, c]], h0
+        for _ in range(3):
+            lo, hi = torch.clamp(cand - 2 * h, 0, 2), torch.clamp(cand + 2 * h, 0, 2)
+            s2 = lo[:, None] + (hi - lo)[:, None] * torch.linspace(0, 1, 401, dtype=F64)
+            f2 = objective(s2)
+            f2min, idx2 = f2.min(1)
+            better = f2min < fc
+            cand = torch.where(better, s2[rows, idx2], cand)
+            fc = torch.minimum(fc, f2min)
+            h = 4 * h / 400
+        improved = fc < fmin
+        best = torch.where(improved, cand, best)
+        fmin = torch.minimum(fmin, fc)
+    spacing = y.abs() * h0
+    delta = spacing.square() + 1e-12 * (1 + y.square())
+    near = f <= fmin[:, None] + delta[:, None]
+    x = y[:, None] * s
+    lo_x = torch.where(near, x, math.inf).min(1).values
+    hi_x = torch.where(near, x, -math.inf).max(1).values
+    unique = (hi_x - lo_x) <= 50 * spacing
+    return BruteForce(y * best, fmin, unique, spacing)
+
+
+def _brute_2d(pen: Penalty, y: Tensor, t: float, n: int, b: float) -> BruteForce:
+    def objective(x: Tensor, yy: Tensor) -> Tensor:
+        r = _row_values(pen, x)
+        _nonnegative(pen, r, x.abs().sum(-1))
+        return 0.5 * (x - yy).square().sum(-1) + t * r
+
+    g = torch.linspace(-b, b, n, dtype=F64)
+    grid = torch.cartesian_prod(g, g)
+    h = 2 * b / (n - 1)
+    rows = torch.arange(len(y))
+    fg = objective(grid[None].expand(len(y), -1, -1), y[:, None])
+    fb, idx = fg.min(1)
+    best, hh = grid[idx], h
+    for _ in range(2):
+        fine = torch.linspace(-2 * hh, 2 * hh, 41, dtype=F64)
+        local = best[:, None] + torch.cartesian_prod(fine, fine)[None]
+        fl = objective(local, y[:, None])
+        flmin, il = fl.min(1)
+        best = torch.where((flmin < fb)[:, None], local[rows, il], best)
+        fb, hh = torch.minimum(fb, flmin), 4 * hh / 40
+    unique = torch.stack([
+        (grid[fg[i] <= fb[i] + 8 * h * (b + t + 1)] - best[i]).abs().max() <= 10 * h for i in range(len(y))
+    ]) if len(y) else torch.zeros(0, dtype=torch.bool)
+    return BruteForce(best, fb, unique, torch.full((len(y),), h, dtype=F64))
+
+
+@single_thread()
+def check_penalty_prox(
+    cls_or_spec: str | type[Penalty] | Penalty,
+    *,
+    lam: float = 0.05,
+    steps: Iterable[float] = PROX_STEPS,
+    ys: Tensor | None = None,
+    f_atol: float = 1e-10,
+    f_rtol: float = 1e-10,
+    x_tol: float = 1e-6,
+    bound: float | None = None,
+) -> None:
+    """``prox(y, step)`` minimises ½‖x − y‖² + step·R(x) as well as :func:`brute_force_prox` (float64).
+
+    For every step of ``steps`` and every probe y: the prox keeps shape and dtype, its
+    objective is at most the brute-force minimum + ``f_atol`` + ``f_rtol``·‖y‖², and where the
+    minimiser is unique it is the brute-force point: within ``x_tol``·(1 + |y|) for a
+    separable R, within 12 grid steps for a non-separable one. The probe ``ys`` defaults to
+    :func:`penalty_points` and 41 values in [−4, 4] (separable), or :data:`PROX_ROWS`, one
+    2-vector a row, each passed to ``prox`` alone (non-separable); ``bound`` is the
+    non-separable grid's half-width (see :func:`brute_force_prox`).
+    """
+    pen, spec = _penalty(cls_or_spec, lam)
+    _expect(pen.has_prox, f"penalty {spec} has no prox to check")
+    if ys is None:
+        ys = (torch.cat([penalty_points(F64), torch.linspace(-4, 4, 41, dtype=F64)]) if pen.separable
+              else torch.tensor(PROX_ROWS, dtype=F64))
+    y = torch.as_tensor(ys, dtype=F64)
+    for t in steps:
+        where = f"penalty {spec}, prox(step={t})"
+        x = pen.prox(y, t) if pen.separable else torch.stack([pen.prox(v, t) for v in y])  # type: ignore[misc]
+        _expect(isinstance(x, Tensor) and x.dtype == F64 and x.shape == y.shape,
+                f"{where} must keep shape and dtype {tuple(y.shape)} float64")
+        brute = brute_force_prox(pen, y, t, bound=bound)
+        if pen.separable:
+            f = 0.5 * (x - y).square() + t * elementwise_value(pen, x)
+            y2 = y.square()
+        else:
+            f = 0.5 * (x - y).square().sum(-1) + t * _row_values(pen, x)
+            y2 = y.square().sum(-1)
+        bad = ~(f <= brute.objective + f_atol + f_rtol * y2)
+        _expect(not bool(bad.any()),
+                f"{where}: objective above brute force at y={y[bad].tolist()[:5]}: prox gives "
+                f"{f[bad].tolist()[:5]}, brute force {brute.objective[bad].tolist()[:5]}")
+        if pen.separable:
+            far = brute.unique & ~((x - brute.x).abs() <= x_tol * (1 + y.abs()))
+        else:
+            far = brute.unique & ~((x - brute.x).abs().amax(-1) <= 12 * brute.spacing)
+        _expect(not bool(far.any()),
+                f"{where}: x differs from the (unique) brute-force minimiser at y={y[far].tolist()[:5]}: "
+                f"{x[far].tolist()[:5]} vs {brute.x[far].tolist()[:5]}")
 
 
 # --------------------------------------------------------------------------------------
@@ -273,18 +619,115 @@ def check_arch_rebuild(cls_or_spec: str | type[nn.Module]) -> None:
                 f"arch {spec}: a rebuilt model with loaded weights computes otherwise")
 
 
+def randomize_batchnorms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random γ, β and running statistics on every BatchNorm of ``model`` (in place; returns it).
+
+    |γ| are distinct across the whole model (a shuffled even spread over [0.05, 1], random
+    signs), so a global ratio threshold is never a tie; β ~ N(0, 0.1²), running mean
+    ~ N(0, 0.1²) and running variance ~ U(0.5, 1.5), so that eval-mode BatchNorm does
+    something a wrong channel would show.
+    """
+    g = torch.Generator().manual_seed(seed)
+    bns = [m for m in model.modules() if _is_bn(m)]
+    total = sum(m.num_features for m in bns)
+    mags = (0.05 + 0.95 * (torch.randperm(total, generator=g, dtype=F64) + 1) / max(total, 1)).split(
+        [m.num_features for m in bns])
+    with torch.no_grad():
+        for bn, mag in zip(bns, mags, strict=True):
+            c = bn.num_features
+            sign = torch.where(torch.rand(c, generator=g) < 0.5, -1.0, 1.0)
+            beta = torch.randn(c, generator=g) * 0.1
+            mean, var = torch.randn(c, generator=g) * 0.1, torch.rand(c, generator=g) + 0.5
+            if bn.weight is not None:
+                bn.weight.copy_(sign * mag)
+            if bn.bias is not None:
+                bn.bias.copy_(beta)
+            if bn.running_mean is not None and bn.running_var is not None:
+                bn.running_mean.copy_(mean)
+                bn.running_var.copy_(var)
+    return model
+
+
+def _max_excess(got: Tensor, want: Tensor, rtol: float, atol: float) -> tuple[bool, float]:
+    """(|got − want| ≤ atol + rtol·|want| everywhere, max |got − want|)."""
+    diff = (got - want).abs()
+    ok = got.shape == want.shape and bool(torch.all(diff <= atol + rtol * want.abs()))
+    return ok, float(diff.max()) if diff.numel() else 0.0
+
+
+@single_thread()
+def check_arch_prune(
+    cls_or_spec: str | type[nn.Module],
+    ratios: Sequence[float] = (0.3, 0.7),
+    seed: int = 0,
+    shape: tuple[int, int, int] = ARCH_SHAPES[0],
+) -> None:
+    """The arch prunes: slim == masked dense to 1e-5, and its widths rebuild it with a strict load.
+
+    The model is built in float64 (eval mode) with :func:`randomize_batchnorms`. For every
+    global ratio of ``ratios``: ``compute_keep(model, "ratio", r)`` and ``prune_model``
+    give a slim model with fewer channels whose output equals ``masked_dense``'s (the
+    dense model with the pruned γ and β zeroed) to rtol = atol = 1e-5; a fresh dense model
+    from the spec, narrowed by ``apply_widths`` to the plan's widths, has the slim model's
+    parameter count, loads its ``state_dict`` with ``strict=True`` and then computes exactly
+    its output. An arch without a prunable BatchNorm fails, naming each BN's reason.
+    """
+    spec = _spec(ARCHS, cls_or_spec)
+    where = f"arch {spec} on {shape}"
+    model = randomize_batchnorms(build_arch(spec, shape, seed=seed).double(), seed)
+    x = _batch(shape).double()
+    bns = prunable_bns(model, shape)
+    if not any(b.prunable for b in bns.values()):
+        why = "; ".join(f"{n}: {b.reason}" for n, b in bns.items()) or "it has no BatchNorm at all"
+        raise AssertionError(f"{where}: no BatchNorm can be pruned ({why})")
+    for r in ratios:
+        at = f"{where}, ratio {r:g}"
+        plan = compute_keep(model, "ratio", r, input_shape=shape, bns=bns)
+        slim, report = prune_model(model, plan, input_shape=shape)
+        _expect(report.channels_after < report.channels_before,
+                f"{at}: pruning removed no channel ({report.channels_before} before and after)")
+        _expect(dict(report.widths) == plan.widths,
+                f"{at}: the slim model's widths {dict(report.widths)} are not the plan's {plan.widths}")
+        with torch.no_grad():
+            out = slim(x)
+            want = masked_dense(model, plan.masks)(x)
+        ok, diff = _max_excess(out, want, 1e-5, 1e-5)
+        _expect(ok, f"{at}: the slim model's output differs from the masked dense model's (pruned γ and β "
+                    f"zeroed) by up to {diff:.3g} (allowed: 1e-5 + 1e-5·|output|)")
+        fresh = create_arch(spec, num_classes=_CLASSES, input_shape=shape).double()
+        rebuilt = apply_widths(fresh, plan.widths, input_shape=shape)
+        _expect(count_params(rebuilt) == count_params(slim) == report.params_after,
+                f"{at}: the model rebuilt from the widths has {count_params(rebuilt)} parameters, the slim "
+                f"model {count_params(slim)} (report: {report.params_after})")
+        try:
+            rebuilt.load_state_dict(slim.state_dict(), strict=True)
+        except RuntimeError as exc:
+            raise AssertionError(f"{at}: the slim state dict does not load strictly into the model rebuilt "
+                                 f"from its widths: {exc}") from None
+        with torch.no_grad():
+            again = rebuilt.eval()(x)
+        _expect(again.shape == out.shape and torch.equal(again, out),
+                f"{at}: the model rebuilt from the widths computes otherwise than the slim model "
+                f"(max difference {_max_excess(again, out, 0, 0)[1]:.3g})")
+
+
 def check_arch(
     cls_or_spec: str | type[nn.Module],
     *,
     shapes: Sequence[tuple[int, int, int]] = ARCH_SHAPES,
     onnx: bool = True,
 ) -> None:
-    """The whole architecture contract: every ``check_arch_*`` (ONNX unless ``onnx=False``), on ``shapes``."""
+    """The whole architecture contract: every ``check_arch_*`` (ONNX unless ``onnx=False``), on ``shapes``.
+
+    Forward, ONNX and pruning (:func:`check_arch_prune`) are checked on each shape; init,
+    stem and rebuild once.
+    """
     spec = _spec(ARCHS, cls_or_spec)
     for shape in shapes:
         check_arch_forward(spec, shape)
         if onnx:
             check_arch_onnx(spec, shape)
+        check_arch_prune(spec, shape=shape)
     check_arch_init(spec)
     check_arch_stem(spec)
     check_arch_rebuild(spec)
@@ -349,14 +792,25 @@ def check_dataset(cls_or_spec: str | type[Dataset], root: str | Path | None = No
 
 __all__ = [
     "ARCH_SHAPES",
+    "PENALTY_MAGNITUDES",
+    "PROX_ROWS",
+    "PROX_STEPS",
+    "BruteForce",
+    "brute_force_prox",
     "build_arch",
     "check_arch",
     "check_arch_forward",
     "check_arch_init",
     "check_arch_onnx",
+    "check_arch_prune",
     "check_arch_rebuild",
     "check_arch_stem",
     "check_dataset",
     "check_penalty",
+    "check_penalty_autograd",
+    "check_penalty_prox",
+    "elementwise_value",
     "penalty_points",
+    "randomize_batchnorms",
+    "single_thread",
 ]

@@ -16,17 +16,23 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+import slimcli.testing
 from slimcli.archs import init_weights
 from slimcli.data import Dataset
-from slimcli.penalties import Penalty
+from slimcli.penalties import Penalty, create_penalty
 from slimcli.penalties.l1 import L1
 from slimcli.registry import ARCHS, DATASETS, PENALTIES, register_arch, register_dataset, register_penalty
 from slimcli.testing import (
+    brute_force_prox,
     check_arch,
     check_arch_forward,
     check_arch_init,
+    check_arch_prune,
     check_dataset,
     check_penalty,
+    check_penalty_autograd,
+    check_penalty_prox,
+    randomize_batchnorms,
 )
 
 
@@ -69,6 +75,41 @@ class _WrongDtype(_L1):
         return x.abs().sum().double()
 
 
+class _SteepSubgradient(_L1):
+    """Odd, finite, 0 at 0: only comparing with autograd of value() shows it is 1 % too steep."""
+
+    def subgradient(self, x: Tensor) -> Tensor:
+        return 1.01 * torch.sign(x)
+
+
+class _SubgradientOfAnotherValue(_L1):
+    """value() is ℓ1, subgradient() that of the (smooth) Huber-like x²/2 near 0: wrong for |x| < 1."""
+
+    def subgradient(self, x: Tensor) -> Tensor:
+        return x.clamp(-1, 1)
+
+
+class _HalfStepProx(_L1):
+    """Soft thresholding at step/2: odd, finite, 0 at 0, keeps shape; not the minimiser."""
+
+    def prox(self, y: Tensor, step: float) -> Tensor:
+        return torch.sign(y) * (y.abs() - step / 2).clamp(min=0)
+
+
+class _HardThresholdProx(_L1):
+    """Hard thresholding at the step: right objective only below the threshold."""
+
+    def prox(self, y: Tensor, step: float) -> Tensor:
+        return torch.where(y.abs() > step, y, torch.zeros_like(y))
+
+
+class _ValueOutsideAutograd(_L1):
+    """value() computed through Python floats: autograd cannot see it."""
+
+    def value(self, x: Tensor) -> Tensor:
+        return torch.tensor(sum(abs(v) for v in x.tolist()), dtype=x.dtype)
+
+
 @pytest.mark.parametrize(
     ("cls", "words"),
     [
@@ -77,6 +118,11 @@ class _WrongDtype(_L1):
         (_UndefinedAtZero, "not finite"),
         (_ProxMovesZero, "prox(0"),
         (_WrongDtype, "returned torch.float64"),
+        (_SteepSubgradient, "not the autograd derivative"),
+        (_SubgradientOfAnotherValue, "not the autograd derivative"),
+        (_HalfStepProx, "objective above brute force"),
+        (_HardThresholdProx, "objective above brute force"),
+        (_ValueOutsideAutograd, "differentiable by autograd"),
     ],
 )
 def test_check_penalty_catches_a_broken_penalty(
@@ -90,6 +136,46 @@ def test_check_penalty_catches_a_broken_penalty(
         check_penalty(broken)
     with pytest.raises(AssertionError, match="test-broken"):
         check_penalty("test-broken")  # a spec string is checked the same way
+
+
+def test_numerical_checks_alone_catch_what_check_penalty_catches(registered: list[tuple[Any, str]]) -> None:
+    """check_penalty_autograd / check_penalty_prox are usable on their own, with declared kinks too."""
+    for name, cls in [("test-steep", _SteepSubgradient), ("test-half", _HalfStepProx)]:
+        register_penalty(name)(type(cls.__name__, (cls,), {}))
+        registered.append((PENALTIES, name))
+    with pytest.raises(AssertionError, match=r"test-steep.*not the autograd derivative"):
+        check_penalty_autograd("test-steep", kinks=())
+    check_penalty_prox("test-steep")  # its prox is the built-in ℓ1's: fine
+    with pytest.raises(AssertionError, match=r"test-half, prox\(step=0.1\): objective above brute force"):
+        check_penalty_prox("test-half", steps=(0.1,))
+    check_penalty_autograd("test-half")  # its subgradient is fine
+
+
+def test_check_penalty_prox_checks_the_minimiser_not_only_the_objective(
+    registered: list[tuple[Any, str]]
+) -> None:
+    """A prox off by less than the objective tolerance notices, but the point is far: x is compared."""
+
+    class _Nudged(_L1):
+        def prox(self, y: Tensor, step: float) -> Tensor:
+            out = super().prox(y, step)
+            return torch.where(out != 0, out + 1e-5 * torch.sign(out), out)  # f rises by ~1e-10 only
+
+    register_penalty("test-nudged")(type("Nudged", (_Nudged,), {}))
+    registered.append((PENALTIES, "test-nudged"))
+    with pytest.raises(AssertionError, match=r"differs from the \(unique\) brute-force minimiser"):
+        check_penalty_prox("test-nudged", f_atol=1e-8, f_rtol=0)
+
+
+def test_brute_force_prox_finds_the_known_minimisers() -> None:
+    """ℓ1: soft thresholding (unique minimisers); l1-l2 at a tie: two minimisers, not unique."""
+    l1 = create_penalty("l1")
+    y = torch.tensor([-2.0, -0.3, 0.0, 0.05, 0.7, 3.0], dtype=torch.float64)
+    brute = brute_force_prox(l1, y, 0.1)
+    torch.testing.assert_close(brute.x, torch.sign(y) * (y.abs() - 0.1).clamp(min=0), rtol=0, atol=1e-8)
+    assert brute.unique[y != 0].all()
+    tie = brute_force_prox(create_penalty("l1-l2"), torch.tensor([[0.5, -0.5]], dtype=torch.float64), 1.0)
+    assert not tie.unique.any()
 
 
 def test_check_penalty_refuses_an_unregistered_class() -> None:
@@ -130,6 +216,14 @@ class _DefaultGamma(_Tiny):
         nn.init.ones_(self.bn.weight)  # PyTorch's default γ = 1, not slim's 0.5
 
 
+class _ResidualOnly(_Tiny):
+    """The BN's output is added to its own input: no channel of it can go (nothing to prune)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv(x)
+        return self.fc(torch.relu(self.bn(h) + h).mean((2, 3)))
+
+
 def test_check_arch_passes_a_good_arch_and_catches_broken_ones(registered: list[tuple[Any, str]]) -> None:
     good = register_arch("test-tiny")(type("Tiny", (_Tiny,), {}))
     registered.append((ARCHS, "test-tiny"))
@@ -139,6 +233,7 @@ def test_check_arch_passes_a_good_arch_and_catches_broken_ones(registered: list[
         ("test-branchy", _Branchy, check_arch_forward, "torch.fx cannot trace"),
         ("test-bias", _BiasBeforeBN, check_arch_init, "must have no bias"),
         ("test-gamma", _DefaultGamma, check_arch_init, "0.5"),
+        ("test-residual", _ResidualOnly, check_arch_prune, "no BatchNorm can be pruned"),
     ]:
         register_arch(name)(type(cls.__name__, (cls,), {}))
         registered.append((ARCHS, name))
@@ -195,3 +290,80 @@ def test_check_dataset_passes_a_good_dataset_and_catches_broken_ones(
         registered.append((DATASETS, name))
         with pytest.raises(AssertionError, match=words):
             check_dataset(name)
+
+
+# ------------------------------------------------------------------------------------ arch pruning
+def _perturbed(model: nn.Module, amount: float) -> nn.Module:
+    """``model`` with one kept channel's β moved by ``amount``: a slim model that is subtly wrong."""
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and bool((m.weight != 0).any()))
+    with torch.no_grad():
+        bn.bias[int((bn.weight != 0).nonzero()[0])] += amount
+    return model
+
+
+def test_check_arch_prune_catches_a_slim_model_that_differs(
+    registered: list[tuple[Any, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    register_arch("test-tiny-prune")(type("Tiny", (_Tiny,), {}))
+    registered.append((ARCHS, "test-tiny-prune"))
+    check_arch_prune("test-tiny-prune")  # the arch itself prunes fine
+    real_prune, real_widths = slimcli.testing.prune_model, slimcli.testing.apply_widths
+
+    def wrong_prune(model: nn.Module, plan: Any, **kwargs: Any) -> Any:
+        slim, report = real_prune(model, plan, **kwargs)
+        return _perturbed(slim, 0.1), report
+
+    monkeypatch.setattr(slimcli.testing, "prune_model", wrong_prune)
+    where = r"test-tiny-prune on \(3, 32, 32\), ratio 0\.3: "
+    with pytest.raises(AssertionError, match=where + "the slim model's output differs .*masked dense"):
+        check_arch_prune("test-tiny-prune")
+    monkeypatch.setattr(slimcli.testing, "prune_model", real_prune)
+
+    def one_channel_more(model: nn.Module, widths: dict[str, int], **kwargs: Any) -> Any:
+        return real_widths(model, {n: min(w + 1, 8) for n, w in widths.items()}, **kwargs)
+
+    monkeypatch.setattr(slimcli.testing, "apply_widths", one_channel_more)
+    with pytest.raises(AssertionError, match=where + r"the model rebuilt from the widths has \d+ parameters"):
+        check_arch_prune("test-tiny-prune")
+
+    def same_widths_other_weights(model: nn.Module, widths: dict[str, int], **kwargs: Any) -> Any:
+        class Shifted(nn.Module):  # loads strictly, computes otherwise
+            def __init__(self) -> None:
+                super().__init__()
+                self.inner = real_widths(model, widths, **kwargs)
+
+            def load_state_dict(self, state: Any, strict: bool = True) -> Any:
+                out = self.inner.load_state_dict(state, strict=strict)
+                _perturbed(self.inner, 1e-9)
+                return out
+
+            def forward(self, x: Tensor) -> Tensor:
+                return self.inner(x)
+
+        return Shifted()
+
+    monkeypatch.setattr(slimcli.testing, "apply_widths", same_widths_other_weights)
+    with pytest.raises(AssertionError, match="rebuilt from the widths computes otherwise"):
+        check_arch_prune("test-tiny-prune", ratios=(0.7,))
+
+
+def test_check_arch_prune_catches_a_masked_reference_that_differs(
+    registered: list[tuple[Any, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reference that is off (one kept channel's β shifted by 0.1) fails the comparison."""
+    register_arch("test-tiny-mask")(type("Tiny", (_Tiny,), {}))
+    registered.append((ARCHS, "test-tiny-mask"))
+    real = slimcli.testing.masked_dense
+    monkeypatch.setattr(slimcli.testing, "masked_dense", lambda m, masks: _perturbed(real(m, masks), 0.1))
+    with pytest.raises(AssertionError, match=r"ratio 0\.7: the slim model's output differs"):
+        check_arch_prune("test-tiny-mask", ratios=(0.7,))
+
+
+def test_randomize_batchnorms_gives_distinct_gammas_and_is_seeded() -> None:
+    a = randomize_batchnorms(_Tiny(3, (3, 8, 8)), seed=5)
+    b = randomize_batchnorms(_Tiny(3, (3, 8, 8)), seed=5)
+    assert torch.equal(a.bn.weight, b.bn.weight) and torch.equal(a.bn.running_var, b.bn.running_var)
+    mags = a.bn.weight.abs()
+    assert len(set(mags.tolist())) == 8 and bool((mags >= 0.05).all()) and bool((a.bn.weight < 0).any())
+    assert bool((a.bn.bias != 0).all()) and bool((a.bn.running_mean != 0).all())
+    assert not torch.equal(randomize_batchnorms(_Tiny(3, (3, 8, 8)), seed=6).bn.weight, a.bn.weight)
