@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import slimcli.testing
 from slimcli.archs import create_arch
 from slimcli.archs.resnet164 import ResNet164
 from slimcli.archs.vgg import VGG
@@ -18,12 +19,16 @@ from slimcli.measure import count_params
 from slimcli.registry import ARCHS
 from slimcli.testing import (
     ARCH_SHAPES,
+    check_arch,
     check_arch_forward,
     check_arch_init,
     check_arch_onnx,
+    check_arch_prune,
     check_arch_rebuild,
     check_arch_stem,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHAPES = list(ARCH_SHAPES)
 #: the cheap variant of every registered arch, plus built-in options the defaults don't reach
@@ -64,6 +69,31 @@ def test_input_shape_changes_only_the_stem(spec: str) -> None:
 def test_rebuild_loads_state_dict_strictly(spec: str) -> None:
     # checkpoints are loaded by rebuilding the arch from its spec: names and shapes must be stable
     check_arch_rebuild(spec)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("spec", SPECS)
+def test_prunes_to_masked_dense_and_rebuilds_from_widths(spec: str, shape: tuple[int, int, int]) -> None:
+    # random γ and β, ratios 0.3 and 0.7 (tests/test_prune_archs.py adds more ratios and seeds)
+    check_arch_prune(spec, shape=shape)
+
+
+def test_check_arch_is_exactly_the_checks_above(monkeypatch: pytest.MonkeyPatch) -> None:
+    """check_arch (what a plugin calls) runs every check the tests above run, on every shape.
+
+    The tests above run the parts one by one, so that a failure names its check; this one
+    shows their sum is check_arch, without running everything twice.
+    """
+    calls: list[tuple[str, tuple]] = []
+    for name in ("forward", "onnx", "prune", "init", "stem", "rebuild"):
+        def spy(spec: str, *args: object, _name: str = name, **kwargs: object) -> None:
+            calls.append((_name, (*args, *kwargs.values())))
+        monkeypatch.setattr(slimcli.testing, f"check_arch_{name}", spy)
+    check_arch("vgg:depth=11")
+    assert sorted(calls) == sorted(
+        [("forward", (s,)) for s in SHAPES] + [("onnx", (s,)) for s in SHAPES]
+        + [("prune", (s,)) for s in SHAPES] + [("init", ()), ("stem", ()), ("rebuild", ())]
+    )
 
 
 # --- exact sizes of the built-ins -------------------------------------------------------

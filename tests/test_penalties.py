@@ -1,4 +1,9 @@
-"""Penalties: contracts for every registered penalty, formulas, autograd, prox == brute force."""
+"""Penalties: contracts for every registered penalty, formulas, autograd, prox == brute force.
+
+The autograd and brute-force checks are slimcli.testing's (check_penalty_autograd,
+check_penalty_prox, brute_force_prox), the functions plugins run; here they get the
+built-ins' known kinks, breakpoints and prox steps.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +16,23 @@ from torch import Tensor
 from slimcli.errors import UsageError
 from slimcli.penalties import Penalty, create_penalty
 from slimcli.registry import PENALTIES
-from slimcli.testing import check_penalty
+from slimcli.testing import (
+    PROX_ROWS,
+    check_penalty,
+    check_penalty_autograd,
+    check_penalty_prox,
+    elementwise_value,
+)
 
 F64 = torch.float64
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # --- helpers -----------------------------------------------------------------------------
 
 
-def elementwise(pen: Penalty, x: Tensor) -> Tensor:
-    """R of every element of ``x`` (separable penalties), through the penalty's own ``value``."""
-    return torch.vmap(lambda v: pen.value(v.unsqueeze(0)))(x.reshape(-1)).view_as(x)
+#: R of every element of ``x`` (separable penalties), through the penalty's own ``value``
+elementwise = elementwise_value
 
 
 def sample_points(dtype: torch.dtype = F64) -> Tensor:
@@ -184,21 +196,22 @@ AUTOGRAD_CASES = [
 
 @pytest.mark.parametrize(("spec", "kinks"), AUTOGRAD_CASES, ids=[c[0] for c in AUTOGRAD_CASES])
 def test_subgradient_is_autograd_of_value(spec: str, kinks: set[float]) -> None:
-    pen = create_penalty(spec, lam=0.3)
-    g = torch.Generator().manual_seed(0)
-    x = (torch.rand(2000, generator=g, dtype=F64) * 6 - 3)
-    away = (x.abs() > 1e-2) & torch.stack([(x.abs() - k).abs() > 1e-6 for k in kinks] + [x == x]).all(0)
-    x = x[away].requires_grad_(True)
-    (auto,) = torch.autograd.grad(pen.value(x), x)
-    torch.testing.assert_close(pen.subgradient(x.detach()), auto, rtol=1e-6, atol=1e-12)
+    # 2000 seeded points in (−3, 3), |x| > 1e-2, none within 1e-6 of a kink: every one must agree
+    check_penalty_autograd(spec, lam=0.3, kinks=kinks, n=2000, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("spec", [c[0] for c in AUTOGRAD_CASES])
+def test_subgradient_is_autograd_of_value_with_unknown_kinks(spec: str) -> None:
+    """What check_penalty does for a plugin: kinks found by finite differences, not declared."""
+    check_penalty_autograd(spec, lam=0.3)
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.3])
 def test_l1l2_subgradient_is_autograd(alpha: float) -> None:
-    pen = create_penalty(f"l1-l2:alpha={alpha}")
-    x = torch.tensor([0.5, -0.2, 1.3, -2.0, 0.01], dtype=F64, requires_grad=True)
-    (auto,) = torch.autograd.grad(pen.value(x), x)
-    torch.testing.assert_close(pen.subgradient(x.detach()), auto)
+    x = torch.tensor([0.5, -0.2, 1.3, -2.0, 0.01], dtype=F64)
+    check_penalty_autograd(f"l1-l2:alpha={alpha}", lam=1e-4, points=x, kinks=(), rtol=1e-7, atol=1e-12)
+    # and on random vectors, kinks unknown (what check_penalty does)
+    check_penalty_autograd(f"l1-l2:alpha={alpha}", lam=1e-4)
 
 
 # --- prox == brute-force minimisation ------------------------------------------------------
@@ -243,44 +256,6 @@ def probe_y(pen: Penalty, t: float) -> Tensor:
     return torch.tensor(ys, dtype=F64)
 
 
-def brute_prox_1d(pen: Penalty, y: Tensor, t: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(x on the grid, its objective, is the minimiser unique) by grid search on [0, y].
-
-    Every built-in R is even and nondecreasing in |x|, so the minimiser lies between 0 and y.
-    A coarse grid and two local refinements give the minimum. R is concave on x > 0 with its
-    only kink at 0 (a grid point), so a minimiser is 0 or has f' = 0 and f'' ≤ 1: its grid
-    neighbours are within h² of the minimum. A wider sublevel set means several
-    (near-)minimisers, where only the objective can be compared.
-    """
-
-    def objective(s: Tensor) -> Tensor:
-        x = y[:, None] * s
-        return 0.5 * (x - y[:, None]).square() + t * elementwise(pen, x)
-
-    rows = torch.arange(len(y))
-    n = 1001
-    s = torch.linspace(0, 1, n, dtype=F64).expand(len(y), n)
-    f = objective(s)
-    fmin, idx = f.min(1)
-    best, h = s[rows, idx], 1 / (n - 1)
-    for _ in range(2):
-        lo, hi = torch.clamp(best - 2 * h, 0, 1), torch.clamp(best + 2 * h, 0, 1)
-        s2 = lo[:, None] + (hi - lo)[:, None] * torch.linspace(0, 1, 401, dtype=F64)
-        f2 = objective(s2)
-        f2min, idx2 = f2.min(1)
-        better = f2min < fmin
-        best = torch.where(better, s2[rows, idx2], best)
-        fmin = torch.minimum(fmin, f2min)
-        h = 4 * h / 400
-    step = y.abs() / (n - 1)
-    delta = step.square() + 1e-12 * (1 + y.square())
-    near = f <= fmin[:, None] + delta[:, None]
-    x = y[:, None] * s
-    spread = torch.where(near, x, math.inf).min(1).values, torch.where(near, x, -math.inf).max(1).values
-    unique = (spread[1] - spread[0]) <= 50 * step
-    return y * best, fmin, unique
-
-
 PROX_CASES = [
     ("l1", 0.1),
     ("lp:p=0.5", 0.1),
@@ -311,17 +286,17 @@ def steps_for(pen: Penalty) -> list[float]:
 
 @pytest.mark.parametrize(("spec", "lam"), PROX_CASES, ids=[c[0] for c in PROX_CASES])
 def test_prox_matches_brute_force(spec: str, lam: float) -> None:
+    """slimcli.testing.check_penalty_prox on both sides of every breakpoint, at every regime's steps.
+
+    The brute force (slimcli.testing.brute_force_prox) searches x = s·y, s in [0, 2], and
+    refines; the prox's objective must be within 1e-10·(1 + y²) of it, and where the
+    minimiser is unique x itself within 1e-6·(1 + |y|).
+    """
     pen = create_penalty(spec, lam=lam)
     for t in steps_for(pen):
         y = probe_y(pen, t)
+        check_penalty_prox(pen, steps=(t,), ys=y, f_atol=1e-10, f_rtol=1e-10, x_tol=1e-6)
         x = pen.prox(y, t)
-        assert x.dtype == F64 and x.shape == y.shape
-        f = 0.5 * (x - y).square() + t * elementwise(pen, x)
-        xb, fb, unique = brute_prox_1d(pen, y, t)
-        bad = f > fb + 1e-10 * (1 + y.square())
-        assert not bad.any(), f"{spec} step={t}: objective above brute force at y={y[bad].tolist()}"
-        far = unique & ((x - xb).abs() > 1e-6 * (1 + y.abs()))
-        assert not far.any(), f"{spec} step={t}: x differs at y={y[far].tolist()}: {x[far]} vs {xb[far]}"
         assert (x * y >= 0).all() and (x.abs() <= y.abs()).all()  # shrinkage with sign kept
 
 
@@ -458,36 +433,16 @@ def l1l2_objective(x: Tensor, y: Tensor, t: float, alpha: float) -> Tensor:
     return 0.5 * (x - y).square().sum(-1) + t * r
 
 
-Y2 = torch.tensor([(0.0, 0.0), (1e-12, 0.0), (0.3, 0.1), (0.3, 0.3), (-0.2, 0.05), (1.5, -0.7), (2.0, 0.2),
-                   (0.5, 0.49), (0.08, -0.02), (1.0, 1.0), (-0.9, 0.0), (0.61, 0.6)], dtype=F64)
+Y2 = torch.tensor(PROX_ROWS, dtype=F64)  # zero, tiny, 1-sparse, tied and dense 2-vectors
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.5, 0.2])
 def test_l1l2_prox_matches_brute_force_2d(alpha: float) -> None:
-    """Grid over a box around every y (all y at once), then two local refinements."""
-    pen = create_penalty(f"l1-l2:alpha={alpha}")
-    n, b = 121, 2.2
-    g = torch.linspace(-b, b, n, dtype=F64)
-    grid = torch.cartesian_prod(g, g)
-    h = 2 * b / (n - 1)
-    for t in (0.1, 0.4, 1.0):
-        x = torch.stack([pen.prox(y, t) for y in Y2])
-        f = l1l2_objective(x, Y2, t, alpha)
-        fg = l1l2_objective(grid[None], Y2[:, None], t, alpha)
-        fb, idx = fg.min(1)
-        best, hh = grid[idx], h
-        for _ in range(2):
-            fine = torch.linspace(-2 * hh, 2 * hh, 41, dtype=F64)
-            local = best[:, None] + torch.cartesian_prod(fine, fine)[None]
-            fl = l1l2_objective(local, Y2[:, None], t, alpha)
-            flmin, il = fl.min(1)
-            best = torch.where((flmin < fb)[:, None], local[torch.arange(len(Y2)), il], best)
-            fb, hh = torch.minimum(fb, flmin), 4 * hh / 40
-        assert (f <= fb + 1e-10).all(), (alpha, t, Y2[f > fb + 1e-10], x[f > fb + 1e-10])
-        for i in range(len(Y2)):
-            near = grid[fg[i] <= fb[i] + 8 * h * (b + t + 1)]
-            if float((near - best[i]).abs().max()) <= 10 * h:  # a unique minimiser: x must be near it
-                assert float((x[i] - best[i]).abs().max()) <= 12 * h, (alpha, t, Y2[i], x[i], best[i])
+    """check_penalty_prox's 2-D brute force: a 121² grid over [−2.2, 2.2]² shared by every y, two
+    local refinements; the prox's objective within 1e-10 of it, x within 12 grid steps where
+    the minimiser is unique."""
+    check_penalty_prox(f"l1-l2:alpha={alpha}", lam=1e-4, steps=(0.1, 0.4, 1.0), ys=Y2,
+                       f_atol=1e-10, f_rtol=0, bound=2.2)
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.6])

@@ -11,16 +11,9 @@ from torch.nn.modules.conv import _ConvNd
 
 from slimcli.archs import create_arch
 from slimcli.errors import PruneError
-from slimcli.measure import count_params
-from slimcli.prune import (
-    ChannelSelection,
-    apply_widths,
-    compute_keep,
-    masked_dense,
-    prunable_bns,
-    prune_model,
-)
+from slimcli.prune import ChannelSelection, compute_keep, masked_dense, prunable_bns, prune_model
 from slimcli.registry import ARCHS
+from slimcli.testing import check_arch_prune, randomize_batchnorms
 
 SHAPE = (3, 32, 32)
 SPECS = [getattr(info.cls, "test_spec", info.name) for info in ARCHS]
@@ -29,17 +22,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(spec: str, seed: int = 0, gammas: str = "rand") -> nn.Module:
-    """A dense model in float64 eval mode with random γ, β and running statistics."""
+    """A dense model in float64 eval mode with random γ, β and running statistics.
+
+    slimcli.testing.randomize_batchnorms, as check_arch_prune uses: distinct |γ| in [0.05, 1]
+    with random signs.
+    """
     torch.manual_seed(seed)
-    model = create_arch(spec, 10, SHAPE).double().eval()
+    model = randomize_batchnorms(create_arch(spec, 10, SHAPE).double().eval(), seed)
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.copy_(torch.rand(m.num_features, generator=g))
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
     if gammas == "emptying":  # the first prunable BN's |γ| are all far below everyone else's
         first = next(n for n, b in prunable_bns(model).items() if b.prunable)
         with torch.no_grad():
@@ -61,20 +51,12 @@ def test_every_arch_is_covered() -> None:
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5, 0.7])
 def test_slim_equals_masked_dense_and_rebuilds_from_widths(spec: str, ratio: float) -> None:
-    model = build(spec, seed=int(ratio * 10))
-    plan = compute_keep(model, "ratio", ratio)
-    slim, report = prune_model(model, plan)
-    x = inputs()
-    with torch.no_grad():
-        out = slim(x)
-        torch.testing.assert_close(out, masked_dense(model, plan)(x), rtol=1e-5, atol=1e-5)
-    assert report.channels_after < report.channels_before
-    # widths alone rebuild the structure: same params, and the state_dict loads strictly
-    fresh = apply_widths(create_arch(spec, 10, SHAPE).double(), report.widths)
-    assert count_params(fresh) == count_params(slim) == report.params_after
-    fresh.load_state_dict(slim.state_dict(), strict=True)
-    with torch.no_grad():
-        assert torch.equal(fresh.eval()(x), out)
+    """slimcli.testing.check_arch_prune (what plugins run), at more ratios and seeds than its default.
+
+    slim == masked dense to rtol = atol = 1e-5 (float64), fewer channels, and the widths alone
+    rebuild the structure: same params, a strict state_dict load, exactly the same output.
+    """
+    check_arch_prune(spec, ratios=(ratio,), seed=int(ratio * 10), shape=SHAPE)
 
 
 @pytest.mark.parametrize("spec", SPECS)

@@ -1,4 +1,8 @@
-"""The logsum plugin: formula, subgradient == autograd, prox == brute force, slim's penalty contract."""
+"""The logsum plugin: formula, subgradient == autograd, prox == brute force, slim's penalty contract.
+
+The autograd and brute-force checks are slimcli.testing's (check_penalty runs them with its
+own probe points; the tests below run them again where this plugin's author knows more).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,12 @@ logsum = pytest.importorskip(
 from slimcli.errors import UsageError  # noqa: E402
 from slimcli.penalties import add_penalty_grad, apply_prox, create_penalty  # noqa: E402
 from slimcli.registry import PENALTIES  # noqa: E402
-from slimcli.testing import check_penalty  # noqa: E402
+from slimcli.testing import (  # noqa: E402
+    brute_force_prox,
+    check_penalty,
+    check_penalty_autograd,
+    check_penalty_prox,
+)
 
 F64 = torch.float64
 
@@ -53,40 +62,29 @@ def test_value_formula_and_unit_slope_at_zero(eps: float) -> None:
 
 @pytest.mark.parametrize("eps", [0.01, 0.3])
 def test_subgradient_equals_autograd(eps: float) -> None:
-    pen = create_penalty(f"logsum:eps={eps}")
+    """slimcli.testing.check_penalty_autograd at the probe points (R's only kink is 0, left out)."""
     x = points()
-    x = x[x != 0].clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(pen.value(x), x)
-    torch.testing.assert_close(pen.subgradient(x.detach()), grad, rtol=1e-12, atol=1e-15)
+    check_penalty_autograd(f"logsum:eps={eps}", points=x[x != 0], kinks=(), rtol=1e-12, atol=1e-15)
+    pen = create_penalty(f"logsum:eps={eps}")
     assert pen.subgradient(torch.zeros(3, dtype=F64)).abs().max().item() == 0  # defined at 0: 0 ∈ [-1, 1]
-
-
-def objective(pen, x: torch.Tensor, y: torch.Tensor, step: float) -> torch.Tensor:
-    """½(x − y)² + step·R(x), elementwise over candidate x."""
-    return 0.5 * (x - y) ** 2 + step * pen.eps * torch.log1p(x.abs() / pen.eps)
 
 
 @pytest.mark.parametrize("eps", [0.01, 0.1, 1.0])
 @pytest.mark.parametrize("step", [1e-3, 0.01, 0.05, 0.3, 2.0])
 def test_prox_equals_brute_force(eps: float, step: float) -> None:
-    """Both the convex (step ≤ eps) and the nonconvex (step > eps, jump at the threshold) regimes."""
+    """Both the convex (step ≤ eps) and the nonconvex (step > eps, jump at the threshold) regimes.
+
+    slimcli.testing.check_penalty_prox: the prox's objective ½(x − y)² + step·R(x) is at most
+    the brute-force minimum + 1e-12 (slimcli.testing.brute_force_prox: a grid over x = s·y,
+    s in [0, 2], refined around its best local minima), and x matches a unique minimiser.
+    """
     pen = create_penalty(f"logsum:eps={eps}")
     ys = torch.linspace(-3, 3, 241, dtype=F64)
-    prox = pen.prox(ys, step)
-    # a grid over [min(0, y) − 0.1, max(0, y) + 0.1] for every y at once, then a finer one around the best
-    lo, hi = ys.clamp(max=0) - 0.1, ys.clamp(min=0) + 0.1
-    grid = lo[:, None] + (hi - lo)[:, None] * torch.linspace(0, 1, 20001, dtype=F64)
-    best = grid.gather(1, objective(pen, grid, ys[:, None], step).argmin(1, keepdim=True))
-    fine = best + torch.linspace(-2e-4, 2e-4, 2001, dtype=F64)
-    fine_vals = objective(pen, fine, ys[:, None], step)
-    best_val, idx = fine_vals.min(1)
-    best = fine.gather(1, idx[:, None]).squeeze(1)
-
-    got_val = objective(pen, prox, ys, step)
-    assert (got_val <= best_val + 1e-12).all(), (got_val - best_val).max()
-    # away from the 0-vs-x* tie (where both are optimal) the minimiser itself matches
-    clear = (objective(pen, torch.zeros_like(ys), ys, step) - best_val).abs() > 1e-9
-    torch.testing.assert_close(prox[clear], best[clear], rtol=0, atol=1e-6)
+    check_penalty_prox(pen, steps=(step,), ys=ys, f_atol=1e-12, f_rtol=0, x_tol=1e-6)
+    # away from the 0-vs-x* tie (where both are optimal) the minimiser itself matches, to 1e-6
+    prox, brute = pen.prox(ys, step), brute_force_prox(pen, ys, step)
+    clear = (0.5 * ys.square() - brute.objective).abs() > 1e-9  # objective(0) = ½y²
+    torch.testing.assert_close(prox[clear], brute.x[clear], rtol=0, atol=1e-6)
 
 
 def test_prox_properties() -> None:
