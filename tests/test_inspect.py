@@ -1,4 +1,4 @@
-"""``slim inspect``: the JSON document is complete and agrees with prune; fast what-if == built models."""
+"""``slim inspect``: the JSON document is complete and agrees with prune; what-if formula == built models."""
 
 from __future__ import annotations
 
@@ -16,17 +16,18 @@ from torch import nn
 
 from slimcli.archs import create_arch
 from slimcli.checkpoint import file_sha256, lineage_entry, load_checkpoint, save_checkpoint
-from slimcli.flows.inspect import gamma_summary, inspect_checkpoint, meta_twin, safe_bound, what_if_table
+from slimcli.flows.inspect import gamma_summary, inspect_checkpoint
 from slimcli.measure import count_params, measure
 from slimcli.model import build_model
 from slimcli.prune import (
     analyze,
     compute_keep,
     gamma_scores,
-    max_safe_ratio,
+    meta_twin,
     prune_model,
     ratio_grid,
     ratio_threshold,
+    safe_below,
     what_if,
 )
 
@@ -75,6 +76,13 @@ def _save(path: Path, model: nn.Module, spec: str, **meta: Any) -> Path:
     return path
 
 
+def _built(model: nn.Module, shape: tuple[int, ...], ratios: list[float], **kw: Any) -> list[dict[str, Any]]:
+    """The reference rows: every slim model really rebuilt from the real model and measured."""
+    rows, info = what_if(model, shape, ratios, formula=False, twin=model, **kw)
+    assert info["method"] == "surgery"
+    return [r.as_dict() for r in rows]
+
+
 def _rows_equal(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
     """Exactly equal rows (counts are integers; fractions are the same divisions; JSON keeps floats exact)."""
     assert len(a) == len(b)
@@ -92,7 +100,8 @@ def test_json_is_complete_and_agrees_with_prune(tmp_path: Path, capsys: pytest.C
     code, stdout, stderr = run_cli(argv, capsys)
     assert code == 0, stderr
     doc = json.loads(stdout)  # stdout is exactly one JSON document
-    for key in ("meta", "lineage", "sha256", "model", "gamma", "layers", "what_if", "max_safe_ratio"):
+    for key in ("meta", "lineage", "sha256", "model", "gamma", "layers", "what_if", "what_if_method",
+                "safe_below", "first_emptied"):
         assert key in doc
 
     ckpt = load_checkpoint(path)
@@ -136,19 +145,22 @@ def test_json_is_complete_and_agrees_with_prune(tmp_path: Path, capsys: pytest.C
     # what-if: the library's (built) rows, plus the chosen ratio in order
     ratios = [r["ratio"] for r in doc["what_if"]]
     assert ratios == sorted({*ratio_grid(), 0.45})
-    _rows_equal(doc["what_if"], [r.as_dict() for r in what_if(model, SHAPE, ratios)])
+    _rows_equal(doc["what_if"], _built(model, SHAPE, ratios))
     row = next(r for r in doc["what_if"] if r["ratio"] == 0.45)
     slim, report = prune_model(model, plan)
     assert row["threshold"] == threshold
     assert row["params"] == count_params(slim) == report.params_after
     assert row["flops"] == measure(slim, SHAPE).flops
     assert row["params_kept"] == pytest.approx(row["params"] / dense.params)
-    assert doc["max_safe_ratio"] == max_safe_ratio(model, SHAPE, bns=bns)
+    assert [doc["safe_below"], doc["first_emptied"]] == list(safe_below(scores))
+    for r in ratio_grid():  # the one number decides for every ratio whether prune (min-channels 0) works
+        emptied = compute_keep(model, "ratio", r, 1, bns=bns).emptied
+        assert (r < doc["safe_below"]) == (not emptied), r
     assert doc["what_if_method"]["method"] == "formula" and 0.45 in doc["what_if_method"]["checked_ratios"]
 
 
 def test_crafted_gammas_report_the_emptying_ratio(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """One weak layer: the largest safe ratio and the emptied rows follow from counting by hand."""
+    """One weak layer: the safe bound and the emptied rows follow from counting by hand."""
     model = create_arch(VGG, 10, SHAPE)
     layers = _bns(model)
     weak, tiny = layers[0], layers[-1]  # features.1 (16 channels), features.26 (128 channels)
@@ -169,15 +181,14 @@ def test_crafted_gammas_report_the_emptying_ratio(tmp_path: Path, capsys: pytest
     assert doc["safe_below"] == pytest.approx(bound)
     assert doc["first_emptied"] == ["features.1"]
     expected = max(r for r in ratio_grid() if math.floor(r * total) < below)
-    assert doc["max_safe_ratio"] == expected == 0.15
+    assert max(r for r in ratio_grid() if r < doc["safe_below"]) == expected == 0.15
     for row in doc["what_if"]:
         if row["ratio"] < bound:
             assert row["emptied"] == [] and row["params"] is not None
         else:  # min-channels 0: no model exists, the row names the layer
             assert "features.1" in row["emptied"] and row["params"] is None and row["flops_kept"] is None
-    _rows_equal(doc["what_if"], [r.as_dict() for r in what_if(build_model(load_checkpoint(path)), SHAPE,
-                                                             [r["ratio"] for r in doc["what_if"]],
-                                                             min_channels=0)])
+    _rows_equal(doc["what_if"], _built(build_model(load_checkpoint(path)), SHAPE,
+                                       [r["ratio"] for r in doc["what_if"]], min_channels=0))
     at = doc["at_ratio"]  # ratio 0.5 empties features.1: prune (min-channels 0) would refuse
     assert at["emptied"] == ["features.1"] and doc["layers"][0]["kept"] == 0 and doc["layers"][0]["emptied"]
 
@@ -188,7 +199,7 @@ def test_crafted_gammas_report_the_emptying_ratio(tmp_path: Path, capsys: pytest
 
 
 # ----------------------------------------------------------------------------------------------
-# the fast what-if table == building every slim model
+# what_if: the closed form == building every slim model
 
 
 def _pruned_densenet(tmp_path: Path) -> Path:
@@ -205,49 +216,49 @@ def _pruned_densenet(tmp_path: Path) -> Path:
     ("densenet40:depth=16", 0), ("densenet40:depth=16", 1),
     ("pruned", 0), ("pruned", 1),
 ])
-def test_fast_what_if_equals_built_models(tmp_path: Path, spec: str, min_channels: int) -> None:
+def test_what_if_formula_equals_built_models(tmp_path: Path, spec: str, min_channels: int) -> None:
     if spec == "pruned":
         model = build_model(load_checkpoint(_pruned_densenet(tmp_path)))
     else:
         model = _random_gammas(create_arch(spec, 10, SHAPE), seed=len(spec))
     ratios = [0.05, 0.3, 0.55, 0.8, 0.95]
-    reference = [r.as_dict() for r in what_if(model, SHAPE, ratios, min_channels=min_channels)]
+    reference = _built(model, SHAPE, ratios, min_channels=min_channels)  # on the real model
     twin = meta_twin(model)
     bns = analyze(twin, SHAPE).bns
-    fast, info = what_if_table(model, SHAPE, ratios, min_channels=min_channels, bns=bns, twin=twin)
-    built, built_info = what_if_table(model, SHAPE, ratios, min_channels=min_channels, bns=bns, twin=twin,
-                                      formula=False)
+    fast, info = what_if(model, SHAPE, ratios, min_channels=min_channels, bns=bns, twin=twin)
+    built, built_info = what_if(model, SHAPE, ratios, min_channels=min_channels, bns=bns, twin=twin,
+                                formula=False)
     assert info["method"] == "formula" and built_info["method"] == "surgery"
     _rows_equal([r.as_dict() for r in fast], reference)
     _rows_equal([r.as_dict() for r in built], reference)
 
 
 @pytest.mark.parametrize("name", ["vgg_flatten2x2", "vgg_view2x2", "hidden_fc", "preact", "dense", "postact"])
-def test_fast_what_if_on_toy_graphs(name: str) -> None:
+def test_what_if_formula_on_toy_graphs(name: str) -> None:
     """Flatten into a linear (H·W inputs per channel), BatchNorm1d, selections, residuals."""
     ctor, shape = TOYS[name]
     model = randomize(ctor(), seed=2).eval()
     ratios = [0.2, 0.5, 0.9]
-    reference = [r.as_dict() for r in what_if(model, shape, ratios)]
-    rows, info = what_if_table(model, shape, ratios, twin=meta_twin(model))
+    reference = _built(model, shape, ratios)
+    rows, info = what_if(model, shape, ratios, twin=meta_twin(model))
     assert info["method"] == "formula"
     _rows_equal([r.as_dict() for r in rows], reference)
 
 
 def test_a_wrong_formula_is_caught_by_the_surgery_check(monkeypatch: pytest.MonkeyPatch) -> None:
-    from slimcli.flows import inspect as insp
+    from slimcli.prune import whatif
 
     model = _random_gammas(create_arch(VGG, 10, SHAPE))
     ratios = [0.25, 0.5, 0.75]
-    reference = [r.as_dict() for r in what_if(model, SHAPE, ratios)]
-    right = insp._CostFormula.__call__
+    reference = _built(model, SHAPE, ratios)
+    right = whatif._CostFormula.__call__
 
     def off_by_one(self: Any, widths: dict[str, int]) -> tuple[int, int]:
         params, flops = right(self, widths)
         return params + 1, flops
 
-    monkeypatch.setattr(insp._CostFormula, "__call__", off_by_one)
-    rows, info = what_if_table(model, SHAPE, ratios)
+    monkeypatch.setattr(whatif._CostFormula, "__call__", off_by_one)
+    rows, info = what_if(model, SHAPE, ratios)
     assert info["method"] == "surgery" and "disagreed" in info["note"]
     _rows_equal([r.as_dict() for r in rows], reference)
 
@@ -278,7 +289,7 @@ def test_gamma_summary_histogram_zeros_and_bounds() -> None:
     same = gamma_summary({"a": torch.full((4,), 0.5)}, bins=4)
     assert sum(same["histogram"]["counts"]) == 4 and same["quantiles"]["0.5"] == 0.5
     assert gamma_summary({}, bins=4)["histogram"]["counts"] == []
-    bound, first = safe_bound({"a": torch.tensor([0.1, 0.2]), "b": torch.tensor([0.05, 0.3, 0.4])})
+    bound, first = safe_below({"a": torch.tensor([0.1, 0.2]), "b": torch.tensor([0.05, 0.3, 0.4])})
     assert bound == pytest.approx(2 / 5) and first == ["a"]  # 0.05 and 0.1 lie below a's largest (0.2)
 
 
@@ -310,7 +321,8 @@ def test_human_output_reads_in_100_columns(tmp_path: Path, capsys: pytest.Captur
     doc = inspect_checkpoint(path, ratio=0.6)
     for text in (doc["sha256"], "resnet56", "scad:a=3.7", "lineage", "log10|γ|",
                  f"exact zeros: {doc['gamma']['zeros']}", "◀ threshold of ratio 0.6", "what-if",
-                 "not prunable", "its output feeds a residual sum", "largest ratio of the table"):
+                 "not prunable", "its output feeds a residual sum",
+                 f"(exact bound: {doc['safe_below']:.6g}, safe_below in --json)"):
         assert text in stdout, text
     bars = [line for line in lines if "█" in line]
     assert len(bars) == sum(1 for c in doc["gamma"]["histogram"]["counts"] if c)

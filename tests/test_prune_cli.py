@@ -390,6 +390,24 @@ def test_usage_errors_exit_2(
     assert _files(tmp_path) == ["a.safetensors"]
 
 
+@pytest.mark.parametrize(("args", "rule", "value"), [
+    (["--ratio", "1.5"], "ratio", 1.5), (["--ratio", "0"], "ratio", 0.0),
+    (["--threshold", "-1"], "threshold", -1.0), (["--target-flops", "1.2"], "target_flops", 1.2),
+])
+def test_the_cli_and_the_library_give_the_same_message(
+    args: list[str], rule: str, value: float, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from slimcli.errors import UsageError
+
+    ckpt, _ = _ckpt(tmp_path / "a.safetensors")
+    with pytest.raises(UsageError) as info:
+        pc.prune_checkpoint(ckpt, rule, value)
+    code, stdout, stderr = run_cli(["prune", str(ckpt), *args], capsys)
+    assert code == 2 and stdout == ""
+    assert str(info.value) in " ".join(stderr.split()), stderr  # rich may wrap the line
+    assert _files(tmp_path) == ["a.safetensors"]
+
+
 def test_out_equal_to_the_input_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ckpt, _ = _ckpt(tmp_path / "a.safetensors")
     sha = file_sha256(ckpt)
@@ -468,6 +486,9 @@ def test_library_checks_rules_before_loading(tmp_path: Path) -> None:
                         ("median", 0.5)]:
         with pytest.raises(UsageError):
             pc.prune_checkpoint(missing, rule, value)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(UsageError, match=r"^min_channels must be an integer >= 0, got "):
+            pc.prune_checkpoint(missing, "ratio", 0.5, bad)
     assert pc.default_out(Path("runs/x/best.safetensors")) == Path("runs/x/best-pruned.safetensors")
 
 

@@ -15,12 +15,16 @@ from slimcli.errors import PruneError, UsageError
 from slimcli.measure import count_params, measure
 from slimcli.prune import (
     analyze,
+    check_min_channels,
+    check_ratio,
+    check_rule,
     compute_keep,
     gamma_scores,
-    max_safe_ratio,
     prunable_bns,
     prune_model,
     ratio_grid,
+    ratio_threshold,
+    safe_below,
     what_if,
 )
 from slimcli.prune.surgery import rebuild
@@ -197,9 +201,11 @@ def test_target_with_min_channels_zero_never_empties_a_layer() -> None:
     assert compute_keep(model, "target_params", 1.0, input_shape=shape).ratio == 0
 
 
-def test_what_if_rows_match_real_pruning() -> None:
+@pytest.mark.parametrize("formula", [True, False])
+def test_what_if_rows_match_real_pruning(formula: bool) -> None:
     model, shape = emptying_model()
-    rows = what_if(model, shape)
+    rows, info = what_if(model, shape, formula=formula)
+    assert info["method"] == ("formula" if formula else "surgery")
     assert [r.ratio for r in rows] == ratio_grid() and len(rows) == 19
     dense = count_params(model)
     for row in rows[::6]:
@@ -212,26 +218,66 @@ def test_what_if_rows_match_real_pruning() -> None:
     for a, b in itertools.pairwise(rows):
         assert a.channels_kept >= b.channels_kept and a.params >= b.params
     assert rows[-1].emptied and rows[-1].as_dict()["emptied"] == list(rows[-1].emptied)
-    strict = what_if(model, shape, [0.05, 0.9], min_channels=0)
+    strict, _ = what_if(model, shape, [0.05, 0.9], min_channels=0, formula=formula)
     assert strict[1].params is None and strict[1].emptied
 
 
-def test_max_safe_ratio_is_the_last_grid_ratio_that_empties_nothing() -> None:
+def test_what_if_formula_equals_surgery_on_toy_graphs() -> None:
+    for name in ("vgg_global", "preact", "dense"):
+        model, shape = model_and_shape(name)
+        for min_channels in (0, 1):
+            fast, info = what_if(model, shape, min_channels=min_channels)
+            built, built_info = what_if(model, shape, min_channels=min_channels, formula=False)
+            assert (info["method"], built_info["method"]) == ("formula", "surgery")
+            assert [r.as_dict() for r in fast] == [r.as_dict() for r in built]
+
+
+def _empties_a_layer(model: nn.Module, shape: tuple[int, ...], bns: dict, ratio: float) -> bool:
+    try:
+        compute_keep(model, "ratio", ratio, 0, input_shape=shape, bns=bns)
+    except PruneError:
+        return True
+    return False
+
+
+def test_safe_below_decides_every_grid_ratio() -> None:
+    """The largest safe ratio of the grid is the last one below the bound (what the demo uses)."""
     models = [model_and_shape(name) for name in ("vgg_global", "preact", "dense")] + [emptying_model()]
     found = []
     for model, shape in models:
         safe = []
         bns = prunable_bns(model, shape)
         for r in ratio_grid():
-            try:
-                compute_keep(model, "ratio", r, 0, input_shape=shape, bns=bns)
-                safe.append(r)
-            except PruneError:
+            if _empties_a_layer(model, shape, bns, r):
                 break
-        found.append(max_safe_ratio(model, shape))
+            safe.append(r)
+        bound, first = safe_below(gamma_scores(model, bns))
+        for r in ratio_grid():  # one number, right for every ratio of the grid
+            assert (r < bound) == (not _empties_a_layer(model, shape, bns, r)), r
+        found.append(max((r for r in ratio_grid() if r < bound), default=0.0))
         assert found[-1] == (safe[-1] if safe else 0.0)
-    # 12 of the 30 channels are tiny and in one layer: ratio 0.4 (index 12) empties it
-    assert found[-1] == 0.35
+        emptied = compute_keep(model, "ratio", max(bound, 1e-9), 1, input_shape=shape, bns=bns).emptied
+        assert emptied and set(first) <= set(emptied)  # at the bound, the named layer goes first
+    # 12 of the 30 channels are tiny and in one layer: ratio 0.4 (index 12) empties it; exactly, the
+    # index reaches its largest |γ| (11 scores below it) from ratio 11/30 on
+    assert found[-1] == 0.35 and bound == pytest.approx(11 / 30) and first == ["features.5"]
+
+
+def test_safe_below_is_exact_to_the_last_float() -> None:
+    """p < bound ⇔ ratio p empties no layer, also for the floats next to the bound."""
+    n = 100
+    for c in (1, 7, 28, 29, 30, 57, 99):  # 0.29·100 = 28.999…: the float index needs care
+        weak = torch.arange(1, c + 2, dtype=torch.float64)  # its largest |γ| has c scores below it
+        scores = {"weak": weak, "strong": torch.full((n - c - 1,), 1e3, dtype=torch.float64)}
+        bound, first = safe_below(scores)
+        assert first == ["weak"] and bound == pytest.approx(c / n, abs=1e-15)
+        below = math.nextafter(bound, 0.0)
+        for p in (below, math.nextafter(below, 0.0), bound, math.nextafter(bound, 1.0)):
+            threshold = ratio_threshold(scores, p)
+            assert (p < bound) == (threshold < float(weak.max())), (c, p)
+    assert safe_below({}) == (None, [])
+    zeros = {"dead": torch.zeros(3, dtype=torch.float64), "alive": torch.ones(5, dtype=torch.float64)}
+    assert safe_below(zeros) == (0.0, ["dead"])  # every ratio > 0 empties the dead layer
 
 
 def test_bad_requests_are_usage_errors() -> None:
@@ -242,6 +288,40 @@ def test_bad_requests_are_usage_errors() -> None:
             compute_keep(model, rule, value, input_shape=shape)
     with pytest.raises(UsageError, match="min_channels"):
         compute_keep(model, "ratio", 0.5, -1, input_shape=shape)
+    with pytest.raises(UsageError, match=r"ratio must be a fraction of the channels in \[0, 1\), got 1\.0"):
+        what_if(model, shape, [0.5, 1.0])
+    with pytest.raises(UsageError, match="min_channels must be an integer >= 0, got True"):
+        what_if(model, shape, min_channels=True)
+
+
+def test_one_validator_and_one_message_format() -> None:
+    """``<name> must be <what>, got <value>``: the library and the CLI callbacks share these."""
+    assert check_ratio(0.5) == 0.5 and check_ratio("0.25") == 0.25 and check_ratio(0, allow_zero=True) == 0
+    for bad in (0, 0.0, 1, 1.5, -0.1, math.nan, math.inf):
+        with pytest.raises(UsageError, match=r"^ratio must be a fraction of the channels strictly between 0 "
+                                             r"and 1, got "):
+            check_ratio(bad)
+    for bad in (1, -0.1, math.nan):
+        with pytest.raises(UsageError, match=r"^ratio must be a fraction of the channels in \[0, 1\), got "):
+            check_ratio(bad, allow_zero=True)
+    with pytest.raises(UsageError, match=r"^ratio must be .*, got 'half'$"):
+        check_ratio("half")
+    assert check_min_channels(0) == 0 and check_min_channels(3) == 3
+    for bad in (-1, 1.0, True, "2", None):
+        with pytest.raises(UsageError) as info:
+            check_min_channels(bad)
+        assert str(info.value) == f"min_channels must be an integer >= 0, got {bad!r}"
+    assert check_rule("threshold", 0) == 0.0 and check_rule("target_flops", 1) == 1.0
+    for rule, value, what in (("threshold", -1.0, r"a \|γ\| threshold >= 0"),
+                              ("threshold", math.inf, r"a \|γ\| threshold >= 0"),
+                              ("target_params", 0, r"a fraction of the parameters to keep in \(0, 1\]"),
+                              ("target_flops", 1.5, r"a fraction of the FLOPs to keep in \(0, 1\]"),
+                              ("ratio", 0.0, "a fraction of the channels strictly between 0 and 1")):
+        with pytest.raises(UsageError, match=rf"^{rule.replace('_', ' ')} must be {what}, got "):
+            check_rule(rule, value)
+    assert check_rule("ratio", 0.0, allow_zero=True) == 0.0
+    with pytest.raises(UsageError, match="unknown pruning rule 'percent'; use one of ratio, threshold"):
+        check_rule("percent", 0.5)
 
 
 def test_model_without_prunable_bns_is_a_prune_error() -> None:

@@ -26,9 +26,24 @@ _SHOW_EMPTIED = 1
 
 
 def _ratio(value: float) -> float:
-    if not (math.isfinite(value) and 0 < value < 1):
-        raise typer.BadParameter(f"must be a fraction of the channels strictly between 0 and 1, got {value}")
-    return value
+    """--ratio: the library's own check (:func:`slimcli.prune.check_ratio`), as exit 2."""
+    from slimcli.errors import UsageError
+    from slimcli.prune.rules import check_ratio
+
+    try:
+        return check_ratio(value)
+    except UsageError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _min_channels(value: int) -> int:
+    from slimcli.errors import UsageError
+    from slimcli.prune.rules import check_min_channels
+
+    try:
+        return check_min_channels(value)
+    except UsageError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def _plot_path(value: Path | None) -> Path | None:
@@ -263,13 +278,20 @@ def _what_if(doc: dict[str, Any]) -> Table:
     return table
 
 
+def _rounded_down(x: float) -> str:
+    """``x`` with 4 decimals, rounded so that the number shown is at most ``x`` (a safe ratio to type)."""
+    shown = f"{x:.4f}"
+    return shown if float(shown) <= x else f"{float(shown) - 1e-4:.4f}"
+
+
 def _what_if_notes(doc: dict[str, Any]) -> list[str]:
     notes = []
-    if doc["max_safe_ratio"] is not None:
+    bound = doc["safe_below"]
+    if bound is not None:
         first = ", ".join(doc["first_emptied"])
-        notes.append(f"largest ratio of the table that empties no layer: {doc['max_safe_ratio']:g} "
-                     f"(exactly: every ratio < {doc['safe_below']:.4f}; the first layer to be emptied is "
-                     f"{first})")
+        notes.append(f"every ratio below {_rounded_down(bound)} empties no layer (exact bound: {bound:.6g}, "
+                     f"safe_below in --json); the first layer to be emptied is {first}" if bound > 0 else
+                     f"every ratio empties a layer; the first to be emptied is {first}")
     if doc["settings"]["min_channels"] > 0 and any(r["emptied"] for r in doc["what_if"]):
         notes.append(f"in rows with emptied layers, min-channels keeps the {doc['settings']['min_channels']} "
                      f"strongest channel(s) of each such layer (counted in the table)")
@@ -358,9 +380,6 @@ def save_plot(doc: dict[str, Any], path: Path) -> None:
     if doc["safe_below"] is not None and doc["safe_below"] < 1:
         right.axvspan(doc["safe_below"], 1, color="#c44e52", alpha=0.12,
                       label=f"empties a layer (ratio ≥ {doc['safe_below']:.3f})")
-    if doc["max_safe_ratio"]:
-        right.axvline(doc["max_safe_ratio"], color="#c44e52", linestyle=":",
-                      label=f"largest safe ratio of the grid: {doc['max_safe_ratio']:g}")
     right.axvline(at["ratio"], color="0.4", linestyle="--", linewidth=1,
                   label=f"chosen ratio {at['ratio']:g}")
     right.set_xlim(0, 1)
@@ -388,7 +407,8 @@ def inspect(
         "--ratio", callback=_ratio,
         help="Ratio whose threshold the per-layer table uses (≤ thr, kept); also a what-if row.")] = 0.5,
     min_channels: Annotated[int, typer.Option(
-        "--min-channels", min=0, help="Channels every layer keeps at least, as slim prune does.")] = 1,
+        "--min-channels", callback=_min_channels,
+        help="Channels every layer keeps at least, as slim prune does.")] = 1,
     bins: Annotated[int, typer.Option("--bins", min=1, max=500, help="Bins of the log10|γ| histogram.")] = 20,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print everything as one JSON document on stdout (nothing else).")] = False,

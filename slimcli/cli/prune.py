@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -24,22 +23,27 @@ RULE = "Pruning rule (exactly one)"
 _TABLE_ROWS = 24
 
 
-def _ratio(value: float | None) -> float | None:
-    if value is not None and not (math.isfinite(value) and 0 < value < 1):
-        raise typer.BadParameter(f"must be a fraction of the channels strictly between 0 and 1, got {value}")
-    return value
+def _rule_value(param: typer.CallbackParam, value: float | None) -> float | None:
+    """--ratio, --threshold, --target-params, --target-flops: the library's own check, as exit 2."""
+    if value is None:  # not given
+        return None
+    from slimcli.errors import UsageError
+    from slimcli.prune.rules import check_rule
+
+    try:
+        return check_rule(str(param.name), value)
+    except UsageError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
-def _threshold(value: float | None) -> float | None:
-    if value is not None and not (math.isfinite(value) and value >= 0):
-        raise typer.BadParameter(f"must be a |γ| value >= 0, got {value}")
-    return value
+def _min_channels(value: int) -> int:
+    from slimcli.errors import UsageError
+    from slimcli.prune.rules import check_min_channels
 
-
-def _fraction(value: float | None) -> float | None:
-    if value is not None and not (math.isfinite(value) and 0 < value <= 1):
-        raise typer.BadParameter(f"must be a fraction of the dense model in (0, 1], got {value}")
-    return value
+    try:
+        return check_min_channels(value)
+    except UsageError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def _onnx_path(value: Path | None) -> Path | None:
@@ -142,19 +146,19 @@ def prune(
         metavar="CKPT", help="Checkpoint to prune [default: the newest under ./runs].",
         show_default=False)] = None,
     ratio: Annotated[float | None, typer.Option(
-        "--ratio", callback=_ratio, rich_help_panel=RULE, show_default=False,
+        "--ratio", callback=_rule_value, rich_help_panel=RULE, show_default=False,
         help="Global fraction of BN channels to remove (the paper's percentile), in (0, 1).")] = None,
     threshold: Annotated[float | None, typer.Option(
-        "--threshold", callback=_threshold, rich_help_panel=RULE, show_default=False,
+        "--threshold", callback=_rule_value, rich_help_panel=RULE, show_default=False,
         help="Keep channels with |γ| > T (0 keeps exactly the nonzeros of a --update proximal run).")] = None,
     target_params: Annotated[float | None, typer.Option(
-        "--target-params", callback=_fraction, rich_help_panel=RULE, show_default=False,
+        "--target-params", callback=_rule_value, rich_help_panel=RULE, show_default=False,
         help="Keep at most this fraction of the parameters (largest such model, by search).")] = None,
     target_flops: Annotated[float | None, typer.Option(
-        "--target-flops", callback=_fraction, rich_help_panel=RULE, show_default=False,
+        "--target-flops", callback=_rule_value, rich_help_panel=RULE, show_default=False,
         help="Keep at most this fraction of the FLOPs (largest such model, by search).")] = None,
     min_channels: Annotated[int, typer.Option(
-        "--min-channels", min=0,
+        "--min-channels", callback=_min_channels,
         help="Keep at least N channels in every layer (0: a layer the rule empties is an error).")] = 1,
     fold_shift: Annotated[bool, typer.Option(
         "--fold-shift",

@@ -14,7 +14,7 @@ dense model ~7 points of accuracy). See docs/demo.md.
 
 The pruning ratio is read off the trained scales: the fraction of |γ| the penalty drove
 below ``dead_below`` (1e-2), rounded down to the paper's 0.05 grid and capped by the largest
-ratio that empties no layer (:func:`slimcli.prune.max_safe_ratio`). ``ratio`` overrides it.
+ratio of the grid that empties no layer (below :func:`slimcli.prune.safe_below`). ``ratio`` overrides it.
 Pruning folds the removed channels' BN shift into the next layers (``--fold-shift``): measured
 on this demo's sparsified VGG-11 it keeps 84.7 % instead of 81.2 % right after pruning at ratio 0.7
 (docs/pruning.md); after fine-tuning both end within noise.
@@ -218,7 +218,8 @@ def run_demo(
         dead = sum(int((m.weight.detach().abs() < settings.dead_below).sum()) for m in model.modules()
                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.weight is not None)
     count = int(gamma["count"])
-    safe = float(doc["max_safe_ratio"] or 0.0)
+    bound = doc["safe_below"]  # ratio R empties no layer iff R < bound: the largest such R of the grid
+    safe = max((k / 20 for k in range(1, 20) if k / 20 < bound), default=0.0) if bound is not None else 0.0
     if settings.ratio is not None:
         ratio, reason = settings.ratio, "given with --ratio"
     else:

@@ -4,46 +4,41 @@
 metadata and lineage, params/MACs/FLOPs, the distribution of the pruning scores |γ|
 (histogram of log10|γ|, exact zeros counted apart, quantiles), a per-BatchNorm table, and
 the what-if table (one row per ratio: threshold, channels, params and FLOPs kept, layers
-that would be emptied) with the largest ratio that empties no layer. ``docs/inspect.md``
+that would be emptied) with the bound below which no ratio empties a layer. ``docs/inspect.md``
 describes every key.
 
-The what-if numbers are those of the slim model ``slim prune --ratio`` would build. Building
-19 slim models of a big network is slow on a CPU, so :func:`what_if_table` computes them in
-closed form from the graph analysis (a conv or linear between two BatchNorms scales with
-kept_out/out · kept_in/in, a BatchNorm with its kept channels) and checks that formula by
-real surgery at the most pruned ratio and at the chosen one; if the check disagrees, or the
-model has a structure the formula does not cover, every row is built by surgery instead.
-Surgery and measuring run on a twin of the model on PyTorch's ``meta`` device (shapes only,
-no arithmetic) when its counts match the real model's.
+The what-if rows come from :func:`slimcli.prune.what_if` (closed form checked by surgery,
+on a meta-device twin of the model; see :mod:`slimcli.prune.whatif`), the safe bound from
+:func:`slimcli.prune.safe_below`; the ratio and min-channels are checked by
+:func:`slimcli.prune.check_ratio` and :func:`slimcli.prune.check_min_channels`.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.conv import _ConvNd
 
 from slimcli.checkpoint import Checkpoint, load_checkpoint
 from slimcli.errors import UsageError
-from slimcli.measure import Measurement, measure
+from slimcli.measure import measure
 from slimcli.model import build_model
 from slimcli.prune import (
     BNInfo,
-    WhatIfRow,
     analyze,
-    apply_widths,
+    check_min_channels,
+    check_ratio,
     compute_keep,
+    fast_twin,
     gamma_scores,
-    max_safe_ratio,
     ratio_grid,
+    safe_below,
+    what_if,
 )
 
 #: Quantiles of |γ| reported under ``gamma.quantiles``.
@@ -62,18 +57,10 @@ def _quiet(_: str) -> None:
 # arguments
 
 
-def check_ratio(ratio: float) -> float:
-    """``ratio`` as a float strictly between 0 and 1 (else :class:`UsageError`)."""
-    value = float(ratio)
-    if not 0 < value < 1:
-        raise UsageError(f"ratio must be strictly between 0 and 1 (a fraction of the channels), got {ratio}")
-    return value
-
-
-def _check_int(name: str, value: int, least: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise UsageError(f"{name} must be an integer >= {least}, got {value!r}")
-    return value
+def _check_bins(bins: int) -> int:
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise UsageError(f"bins must be an integer >= 1, got {bins!r}")
+    return bins
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,7 +79,7 @@ def gamma_summary(scores: Mapping[str, Tensor], bins: int = 20) -> dict[str, Any
     ``count − zeros − nonfinite``. ``below`` counts the scores under 1e-4 … 1e-1 (zeros
     included).
     """
-    _check_int("bins", bins, 1)
+    _check_bins(bins)
     flat = torch.cat([s.reshape(-1) for s in scores.values()]) if scores else torch.zeros(0)
     flat = flat.detach().to("cpu", torch.float64).abs()
     finite = flat[torch.isfinite(flat)]
@@ -122,220 +109,6 @@ def gamma_summary(scores: Mapping[str, Tensor], bins: int = 20) -> dict[str, Any
         "quantiles": quantiles,
         "histogram": {"log10": True, "bins": bins, "edges": edges, "counts": counts},
     }
-
-
-# ----------------------------------------------------------------------------------------------
-# the what-if table
-
-
-def meta_twin(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose parameters and buffers live on the ``meta`` device.
-
-    Same classes, names and shapes, no data: tracing, surgery and FLOP counting on it cost
-    no arithmetic and no memory. The model itself is not copied tensor by tensor.
-    """
-    memo: dict[int, Any] = {}
-    for p in model.parameters():
-        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-    for b in model.buffers():
-        memo[id(b)] = torch.empty_like(b, device="meta")
-    return copy.deepcopy(model, memo)
-
-
-def _same_counts(a: Measurement, b: Measurement) -> bool:
-    return a.params == b.params and a.macs == b.macs
-
-
-@dataclass(frozen=True)
-class _Scaled:
-    """One conv/linear whose output (``out_bn``) and/or input (``in_bn``) channels follow a BatchNorm."""
-
-    weight: int  # numel of the weight
-    bias: int  # numel of the bias (0 if none)
-    macs: int
-    out_bn: str | None
-    in_bn: str | None
-
-
-class _CostFormula:
-    """Params and MACs of the slim model for given widths, in closed form (see the module docstring)."""
-
-    def __init__(self, bn_params: dict[str, tuple[int, int]], layers: list[_Scaled],
-                 channels: dict[str, int], dense: Measurement) -> None:
-        self.bn_params = bn_params  # BN name → (channels, params of the BN)
-        self.layers = layers
-        self.channels = channels
-        self.dense = dense
-
-    @classmethod
-    def build(cls, model: nn.Module, bns: Mapping[str, BNInfo], dense: Measurement) -> _CostFormula | None:
-        """The formula for ``model``, or None where its structure is outside what the formula covers."""
-        modules = dict(model.named_modules())
-        macs = {row.name: row.macs for row in dense.per_layer}
-        roles: dict[str, dict[str, str]] = {}
-        bn_params: dict[str, tuple[int, int]] = {}
-        channels: dict[str, int] = {}
-        for name, info in bns.items():
-            if not info.prunable:
-                continue
-            bn = modules.get(name)
-            if bn is None:
-                return None
-            channels[name] = info.channels
-            bn_params[name] = (info.channels, sum(p.numel() for p in bn.parameters(recurse=False)))
-            producer = info.producer
-            if producer is not None and roles.setdefault(producer, {}).setdefault("out", name) != name:
-                return None  # one layer producing for two BatchNorms: not a shape the formula knows
-            for consumer in info.consumers:
-                if roles.setdefault(consumer, {}).setdefault("in", name) != name:
-                    return None
-        layers: list[_Scaled] = []
-        for layer_name, role in roles.items():
-            m = modules.get(layer_name)
-            if not isinstance(m, _ConvNd | nn.Linear) or getattr(m, "groups", 1) != 1:
-                return None
-            params = dict(m.named_parameters(recurse=False))
-            if set(params) - {"weight", "bias"} or m.weight.dim() < 2:
-                return None
-            w, b = m.weight, params.get("bias")
-            out_bn, in_bn = role.get("out"), role.get("in")
-            if out_bn is not None and w.shape[0] != channels[out_bn]:
-                return None
-            if b is not None and (b.dim() != 1 or b.numel() != w.shape[0]):
-                return None
-            if in_bn is not None and w.shape[1] % channels[in_bn] != 0:
-                return None
-            layers.append(_Scaled(w.numel(), b.numel() if b is not None else 0, macs.get(layer_name, 0),
-                                  out_bn, in_bn))
-        return cls(bn_params, layers, channels, dense)
-
-    def __call__(self, widths: Mapping[str, int]) -> tuple[int, int]:
-        """(params, FLOPs) of the slim model with ``widths`` (BN name → kept channels)."""
-        params, macs = self.dense.params, self.dense.macs
-        for name, (c, p) in self.bn_params.items():
-            params -= p - p // c * widths[name]
-        for layer in self.layers:
-            num, den = 1, 1
-            for bn in (layer.out_bn, layer.in_bn):
-                if bn is not None:
-                    num, den = num * widths[bn], den * self.channels[bn]
-            # weight and MACs are products of the out and in channel counts: exact integer scaling
-            params -= layer.weight - layer.weight // den * num
-            macs -= layer.macs - layer.macs // den * num
-            if layer.out_bn is not None:
-                params -= layer.bias - layer.bias // self.channels[layer.out_bn] * widths[layer.out_bn]
-        return params, 2 * macs
-
-
-def _surgery_cost(twin: nn.Module, widths: Mapping[str, int], shape: Sequence[int]) -> tuple[int, int]:
-    slim = measure(apply_widths(twin, dict(widths), input_shape=shape), shape)
-    return int(slim.params), int(slim.flops)
-
-
-def _fraction(part: int | None, whole: int) -> float | None:
-    if part is None:
-        return None
-    return part / whole if whole else 1.0
-
-
-def what_if_table(
-    model: nn.Module,
-    input_shape: Sequence[int],
-    ratios: Iterable[float] | None = None,
-    *,
-    min_channels: int = 1,
-    bns: Mapping[str, BNInfo] | None = None,
-    twin: nn.Module | None = None,
-    dense: Measurement | None = None,
-    check_ratios: Iterable[float] = (),
-    formula: bool = True,
-    log: Log | None = None,
-) -> tuple[list[WhatIfRow], dict[str, Any]]:
-    """The rows of :func:`slimcli.prune.what_if` (same numbers), computed fast.
-
-    ``twin`` (a :func:`meta_twin` of ``model``, or ``model``) is where slim models are built
-    and measured; ``bns`` and ``dense`` save a second analysis and measurement. With
-    ``formula`` the params/FLOPs come from the closed form, checked by surgery at the most
-    pruned row and at ``check_ratios``; otherwise (or if the check fails) every row is built.
-    Returns the rows and how they were computed (``{"method", "checked_ratios", "note"}``).
-    """
-    log = log or _quiet
-    _check_int("min_channels", min_channels, 0)
-    shape = tuple(input_shape)
-    twin = twin if twin is not None else model
-    if bns is None:
-        bns = analyze(twin, shape).bns
-    dense = dense if dense is not None else measure(twin, shape)
-    scores = gamma_scores(model, bns)
-    grid = sorted({float(r) for r in (ratios if ratios is not None else ratio_grid())})
-    if not scores or not grid:
-        return [], {"method": "none", "checked_ratios": [], "note": "nothing to prune"}
-
-    plans: list[tuple[float, float | None, dict[str, int], list[str], bool]] = []
-    for ratio in grid:
-        # compute_keep is exactly what `slim prune --ratio` uses; with min_channels 0 it refuses
-        # a ratio that empties a layer, and the layers it would empty do not depend on min_channels
-        plan = compute_keep(model, "ratio", ratio, max(min_channels, 1), bns=bns)
-        widths = plan.widths
-        exists = not (plan.emptied and min_channels == 0)
-        if not exists:  # no model: the row counts the channels the rule alone keeps
-            widths.update(dict.fromkeys(plan.emptied, 0))
-        plans.append((ratio, plan.threshold, widths, list(plan.emptied), exists))
-
-    costs: dict[float, tuple[int, int]] = {}
-    info: dict[str, Any] = {"method": "surgery", "checked_ratios": [], "note": None}
-    calc = _CostFormula.build(twin, bns, dense) if formula else None
-    if formula and calc is None:
-        info["note"] = "the closed form does not cover this model's structure; every row was built"
-    if calc is not None:
-        built = [p for p in plans if p[4]]
-        checks = {r for r in check_ratios if any(p[0] == r for p in built)}
-        if built:
-            checks.add(built[-1][0])  # the most pruned model: every layer any row shrinks shrinks here
-        ok = True
-        for ratio, _, widths, _, _ in (p for p in plans if p[0] in sorted(checks)):
-            log(f"checking the closed form by surgery at ratio {ratio:g}")
-            if _surgery_cost(twin, widths, shape) != calc(widths):
-                ok = False
-                break
-        if ok:
-            info.update(method="formula", checked_ratios=sorted(checks))
-            costs = {ratio: calc(widths) for ratio, _, widths, _, exists in plans if exists}
-        else:
-            info["note"] = "the closed form disagreed with surgery; every row was built"
-    if not costs:
-        built = [p for p in plans if p[4]]
-        for i, (ratio, _, widths, _, _) in enumerate(built, 1):
-            log(f"building the slim model for ratio {ratio:g} ({i}/{len(built)})")
-            costs[ratio] = _surgery_cost(twin, widths, shape)
-
-    rows = []
-    for ratio, threshold, widths, emptied, exists in plans:
-        params, flops = costs[ratio] if exists else (None, None)
-        rows.append(WhatIfRow(
-            ratio=ratio, threshold=threshold, channels_kept=sum(widths.values()),
-            channels_total=sum(b.channels for b in bns.values() if b.prunable),
-            params=params, params_kept=_fraction(params, dense.params),
-            flops=flops, flops_kept=_fraction(flops, dense.flops), emptied=tuple(emptied),
-        ))
-    return rows, info
-
-
-def safe_bound(scores: Mapping[str, Tensor]) -> tuple[float | None, list[str]]:
-    """The bound b = c/total with: ratio p empties no layer ⇔ p < b; and the layers emptied first.
-
-    A layer is emptied once the threshold reaches its largest |γ|; the first to go is the
-    one whose largest |γ| is smallest. With c scores below that value, ratio p keeps it
-    alive iff ⌊p·total⌋ < c, i.e. p < c/total (up to how ⌊p·total⌋ rounds in floating
-    point when p is within an ulp of the bound).
-    """
-    if not scores:
-        return None, []
-    tops = {name: float(s.max()) for name, s in scores.items() if s.numel()}
-    weakest = min(tops.values())
-    flat = torch.cat([s.reshape(-1) for s in scores.values()])
-    below = int((flat < weakest).sum())
-    return below / flat.numel(), [n for n, t in tops.items() if t == weakest]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,18 +156,6 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _twin_for(model: nn.Module, shape: Sequence[int], dense: Measurement, log: Log) -> nn.Module:
-    """A meta-device twin when it counts exactly like ``model``; ``model`` itself otherwise."""
-    try:
-        twin = meta_twin(model)
-        if _same_counts(measure(twin, shape), dense):
-            return twin
-        log("the meta-device twin counts differently; measuring on the real model")
-    except Exception as exc:  # a model that cannot run on meta tensors (data-dependent code)
-        log(f"the model does not run on the meta device ({type(exc).__name__}); measuring on the real model")
-    return model
-
-
 def inspect_checkpoint(
     source: Checkpoint | str | os.PathLike[str],
     *,
@@ -413,15 +174,16 @@ def inspect_checkpoint(
     """
     log = log or _quiet
     ratio = check_ratio(ratio)
-    _check_int("min_channels", min_channels, 0)
-    _check_int("bins", bins, 1)
+    check_min_channels(min_channels)
+    _check_bins(bins)
+    grid = [*(check_ratio(r, allow_zero=True) for r in (ratio_grid() if ratios is None else ratios)), ratio]
     ckpt = source if isinstance(source, Checkpoint) else load_checkpoint(source)
     shape = ckpt.input_shape
     log("rebuilding the model")
     model = build_model(ckpt)
     log("measuring the model")
     dense = measure(model, shape)
-    twin = _twin_for(model, shape, dense, log)
+    twin = fast_twin(model, shape, dense, log)
     log("analysing the graph")
     bns = analyze(twin, shape).bns
     scores = gamma_scores(model, bns)
@@ -438,10 +200,9 @@ def inspect_checkpoint(
         if min_channels == 0:  # no floor: an emptied layer keeps nothing (prune would refuse)
             kept.update(dict.fromkeys(emptied, 0))
             bit = {}
-    grid = set(ratio_grid()) if ratios is None else {float(r) for r in ratios}
-    rows, method = what_if_table(model, shape, sorted(grid | {ratio}), min_channels=min_channels, bns=bns,
-                                 twin=twin, dense=dense, check_ratios=[ratio], log=log)
-    bound, first = safe_bound(scores)
+    rows, method = what_if(model, shape, grid, min_channels=min_channels, bns=bns,
+                           twin=twin, dense=dense, check_ratios=[ratio], log=log)
+    bound, first = safe_below(scores)
     under = sum(int((s <= threshold).sum()) for s in scores.values()) if threshold is not None else 0
     meta = {k: v for k, v in ckpt.meta.items() if k != "lineage"}
     doc = {
@@ -465,7 +226,6 @@ def inspect_checkpoint(
         "layers": _layer_rows(model, bns, threshold, kept, bit, emptied),
         "what_if": [row.as_dict() for row in rows],
         "what_if_method": method,
-        "max_safe_ratio": max_safe_ratio(model, shape, bns=bns) if scores else None,
         "safe_below": bound,
         "first_emptied": first,
     }
@@ -475,10 +235,6 @@ def inspect_checkpoint(
 __all__ = [
     "BELOW",
     "QUANTILES",
-    "check_ratio",
     "gamma_summary",
     "inspect_checkpoint",
-    "meta_twin",
-    "safe_bound",
-    "what_if_table",
 ]

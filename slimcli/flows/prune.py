@@ -7,8 +7,9 @@ paper's "before fine-tuning" number) and exports it to ONNX with the code of ``s
 and writes a checkpoint of stage ``pruned`` whose ``slim.widths`` let
 :func:`slimcli.model.build_model` rebuild it from the dense architecture.
 
-Nothing is half-written: every input is checked first (rule, value, output paths, the ONNX
-folder), the checkpoint goes to a temporary file, the ONNX export (itself atomic) follows,
+Nothing is half-written: every input is checked first (rule, value and min_channels by
+:func:`slimcli.prune.check_rule` / :func:`~slimcli.prune.check_min_channels`, output paths,
+the ONNX folder), the checkpoint goes to a temporary file, the ONNX export (itself atomic) follows,
 and only then is the checkpoint renamed into place. A failure at any step leaves neither
 file. The input checkpoint is never overwritten.
 """
@@ -16,7 +17,6 @@ file. The input checkpoint is never overwritten.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -32,18 +32,11 @@ from slimcli.export import ExportReport, check_onnx_destination, export_checkpoi
 from slimcli.measure import Measurement, measure
 from slimcli.model import build_model, evaluate, normalization_of
 from slimcli.prune.fold import fold_summary
-from slimcli.prune.rules import RULES, KeepPlan, compute_keep
+from slimcli.prune.rules import RULE_VALUES, KeepPlan, check_min_channels, check_rule, compute_keep
 from slimcli.prune.surgery import PruneReport, prune_model
 from slimcli.train.device import resolve_device
 
 SUFFIX = ".safetensors"
-#: what each rule's value is, for messages
-RULE_VALUES = {
-    "ratio": "a fraction of the channels in (0, 1)",
-    "threshold": "a |γ| threshold >= 0",
-    "target_params": "a fraction of the parameters to keep in (0, 1]",
-    "target_flops": "a fraction of the FLOPs to keep in (0, 1]",
-}
 
 
 @dataclass
@@ -96,28 +89,6 @@ class PruneResult:
 
 # ----------------------------------------------------------------------------------------------
 # inputs
-
-
-def check_rule(rule: str, value: float) -> float:
-    """Validate a rule and its value before any work; return the value as a float.
-
-    ``ratio`` must lie strictly inside (0, 1): 0 prunes nothing and 1 everything.
-    """
-    if rule not in RULES:
-        raise UsageError(f"unknown pruning rule {rule!r}; use one of {', '.join(RULES)}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{rule} needs {RULE_VALUES[rule]}, got {value!r}") from None
-    ok = math.isfinite(v) and {
-        "ratio": 0 < v < 1,
-        "threshold": v >= 0,
-        "target_params": 0 < v <= 1,
-        "target_flops": 0 < v <= 1,
-    }[rule]
-    if not ok:
-        raise UsageError(f"{rule.replace('_', ' ')} must be {RULE_VALUES[rule]}, got {value}")
-    return v
 
 
 def default_out(ckpt_path: str | os.PathLike[str]) -> Path:
@@ -223,9 +194,8 @@ def prune_checkpoint(
     the next layers (:mod:`slimcli.prune.fold`) instead of dropping them.
     """
     say = log or (lambda _msg: None)
-    value = check_rule(rule, value)
-    if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 0:
-        raise UsageError(f"--min-channels must be an integer >= 0, got {min_channels!r}")
+    value = check_rule(rule, value)  # a ratio strictly in (0, 1): 0 would prune nothing
+    check_min_channels(min_channels)
     source = Path(ckpt_path)
     target = Path(out) if out is not None else default_out(source)
     _check_out(source, target)
@@ -292,9 +262,9 @@ def prune_checkpoint(
 
 
 __all__ = [
-    "RULE_VALUES",
+    "RULE_VALUES",  # re-exported from slimcli.prune.rules
     "PruneResult",
-    "check_rule",
+    "check_rule",  # re-exported from slimcli.prune.rules
     "default_out",
     "newest_checkpoint",
     "prune_checkpoint",

@@ -1,4 +1,4 @@
-"""Which channels to keep: scores, the global threshold, targets, and the what-if table.
+"""Which channels to keep: scores, the global threshold, targets, and the checks of their values.
 
 Scores are |γ| of every prunable BatchNorm, pooled over the whole network (the paper's
 global threshold). The rules:
@@ -14,6 +14,12 @@ global threshold). The rules:
 ``min_channels`` N then gives back, in every layer that kept fewer, its N largest-|γ|
 channels; the plan records where that happened. With N = 0 a rule that empties a layer is
 an error naming the layer.
+
+:func:`check_ratio`, :func:`check_min_channels` and :func:`check_rule` are the one place
+these values are validated: the library's entry points (:func:`compute_keep`,
+:func:`slimcli.prune.what_if`, ``inspect_checkpoint``, ``prune_checkpoint``) and the CLI's
+option callbacks all call them, so a bad value gets the same :class:`UsageError` message
+(``<name> must be <what>, got <value>``) everywhere.
 """
 
 from __future__ import annotations
@@ -33,9 +39,72 @@ from slimcli.prune.graph import BNInfo, analyze
 from slimcli.prune.surgery import rebuild
 
 RULES = ("ratio", "threshold", "target_params", "target_flops")
+#: what each rule's value is, for messages
+RULE_VALUES = {
+    "ratio": "a fraction of the channels strictly between 0 and 1",
+    "threshold": "a |γ| threshold >= 0",
+    "target_params": "a fraction of the parameters to keep in (0, 1]",
+    "target_flops": "a fraction of the FLOPs to keep in (0, 1]",
+}
+_RATIO_OR_ZERO = "a fraction of the channels in [0, 1)"
 
 #: ``measure(model, input_shape)`` → an object with ``.params`` and ``.flops``
 Measure = Callable[[nn.Module, Sequence[int]], Any]
+
+
+# ----------------------------------------------------------------------------------------------
+# the values of the rules: checked here, for the library and the command line alike
+
+
+def _bad(name: str, what: str, value: object) -> UsageError:
+    shown = repr(value) if isinstance(value, str) else str(value)
+    return UsageError(f"{name} must be {what}, got {shown}")
+
+
+def _float(name: str, what: str, value: object) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise _bad(name, what, value) from None
+
+
+def check_ratio(value: float, *, allow_zero: bool = False) -> float:
+    """``value`` as a float in (0, 1) — in [0, 1) with ``allow_zero`` (ratio 0 prunes nothing) —
+    else a :class:`UsageError`. ``slim prune``/``slim inspect`` (and their library functions)
+    refuse 0; :func:`compute_keep` and :func:`slimcli.prune.what_if` accept it."""
+    what = _RATIO_OR_ZERO if allow_zero else RULE_VALUES["ratio"]
+    v = _float("ratio", what, value)
+    if not ((0 <= v if allow_zero else 0 < v) and v < 1):  # NaN fails both
+        raise _bad("ratio", what, value)
+    return v
+
+
+def check_min_channels(value: int) -> int:
+    """``value`` if it is an integer >= 0 (not a bool), else a :class:`UsageError`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UsageError(f"min_channels must be an integer >= 0, got {value!r}")
+    return value
+
+
+def check_rule(rule: str, value: float, *, allow_zero: bool = False) -> float:
+    """Validate a rule and its value (see :data:`RULE_VALUES`) before any work; the value as a float.
+
+    ``ratio`` goes through :func:`check_ratio` (``allow_zero`` is passed on); ``threshold``
+    must be finite and >= 0; the targets a fraction in (0, 1].
+    """
+    if rule not in RULES:
+        raise UsageError(f"unknown pruning rule {rule!r}; use one of {', '.join(RULES)}")
+    if rule == "ratio":
+        return check_ratio(value, allow_zero=allow_zero)
+    name, what = rule.replace("_", " "), RULE_VALUES[rule]
+    v = _float(name, what, value)
+    if not (math.isfinite(v) and (v >= 0 if rule == "threshold" else 0 < v <= 1)):
+        raise _bad(name, what, value)
+    return v
+
+
+# ----------------------------------------------------------------------------------------------
+# the plan
 
 
 @dataclass
@@ -110,8 +179,7 @@ def gamma_scores(model: nn.Module, bns: Mapping[str, BNInfo]) -> dict[str, Tenso
 
 def ratio_threshold(scores: Mapping[str, Tensor], ratio: float) -> float | None:
     """The paper's global threshold: sorted |γ| at index ⌊ratio·total⌋ (None for ratio 0)."""
-    if not 0 <= ratio < 1:
-        raise UsageError(f"ratio must be in [0, 1), got {ratio}")
+    ratio = check_ratio(ratio, allow_zero=True)
     if ratio == 0 or not scores:
         return None
     flat = torch.sort(torch.cat([s.reshape(-1) for s in scores.values()])).values
@@ -149,11 +217,6 @@ def _emptied_error(emptied: Sequence[str], what: str) -> PruneError:
     )
 
 
-def _check_min_channels(min_channels: int) -> None:
-    if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 0:
-        raise UsageError(f"min_channels must be an integer >= 0, got {min_channels!r}")
-
-
 def compute_keep(
     model: nn.Module,
     rule: str,
@@ -170,9 +233,8 @@ def compute_keep(
     the model's attribute. ``measure`` replaces :func:`slimcli.measure.measure` in the
     target searches.
     """
-    _check_min_channels(min_channels)
-    if rule not in RULES:
-        raise UsageError(f"unknown pruning rule '{rule}'; use one of {', '.join(RULES)}")
+    value = check_rule(rule, value, allow_zero=True)
+    check_min_channels(min_channels)
     shape = tuple(input_shape) if input_shape is not None else getattr(model, "input_shape", None)
     if bns is None:
         bns = analyze(model, shape).bns
@@ -180,15 +242,12 @@ def compute_keep(
     if not scores:
         why = "; ".join(f"{n}: {b.reason}" for n, b in bns.items()) or "it has no BatchNorm at all"
         raise PruneError(f"{type(model).__name__} has nothing to prune ({why})")
-    value = float(value)
     if rule in ("target_params", "target_flops"):
         return _search_target(model, rule, value, min_channels, scores, shape, measure)
     if rule == "ratio":
         threshold = ratio_threshold(scores, value)
         what = f"ratio {value:g}"
     else:
-        if not (value >= 0 and math.isfinite(value)):
-            raise UsageError(f"threshold must be a finite number >= 0, got {value}")
         threshold, what = value, f"threshold {value:g}"
     masks, bit, emptied = _keep(scores, threshold, min_channels)
     if emptied and min_channels == 0:
@@ -211,9 +270,6 @@ def _search_target(
     shape: Sequence[int] | None,
     measure: Measure | None,
 ) -> KeepPlan:
-    if not 0 < fraction <= 1:
-        what = rule.replace("_", " ")
-        raise UsageError(f"{what} must be a fraction in (0, 1] of the dense model, got {fraction}")
     metric = _metric(rule, measure or _measure, shape)
     analysis = analyze(copy.deepcopy(model), shape)
     dense = metric(model)
@@ -252,100 +308,3 @@ def _search_target(
     threshold = None if hi < 0 else float(candidates[hi])
     return KeepPlan(rule, fraction, threshold, masks, min_channels, bit, emptied,
                     tuple(shape) if shape is not None else None, achieved=value / dense if dense else 1.0)
-
-
-# ----------------------------------------------------------------------------------------------
-# the what-if table of `slim inspect`
-
-
-@dataclass(frozen=True)
-class WhatIfRow:
-    """What ``--ratio`` would do: threshold, kept channels, params and FLOPs, emptied layers."""
-
-    ratio: float
-    threshold: float | None
-    channels_kept: int
-    channels_total: int
-    params: int | None  # None: no model exists (min_channels 0 and a layer emptied)
-    params_kept: float | None  # fraction of the dense model
-    flops: int | None
-    flops_kept: float | None
-    emptied: tuple[str, ...]  # layers the rule alone empties (min_channels keeps them alive)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "ratio": self.ratio, "threshold": self.threshold, "channels_kept": self.channels_kept,
-            "channels_total": self.channels_total, "params": self.params, "params_kept": self.params_kept,
-            "flops": self.flops, "flops_kept": self.flops_kept, "emptied": list(self.emptied),
-        }
-
-
-def _fraction(part: int | None, whole: float) -> float | None:
-    if part is None:
-        return None
-    return part / whole if whole else 1.0
-
-
-def ratio_grid(step: float = 0.05) -> list[float]:
-    """0.05, 0.10, …, 0.95 (for ``step`` 0.05): the paper's sweep."""
-    if not 0 < step < 1:
-        raise UsageError(f"step must be in (0, 1), got {step}")
-    n = math.ceil(round(1 / step, 9)) - 1
-    return [round(k * step, 10) for k in range(1, n + 1)]
-
-
-def what_if(
-    model: nn.Module,
-    input_shape: Sequence[int] | None = None,
-    ratios: Sequence[float] | None = None,
-    *,
-    min_channels: int = 1,
-    measure: Measure | None = None,
-) -> list[WhatIfRow]:
-    """One row per ratio (default :func:`ratio_grid`): the slim model ``--ratio`` would build.
-
-    Params and FLOPs are measured on the rebuilt slim model (with ``min_channels``, default
-    1, as ``slim prune`` uses); ``emptied`` lists the layers the ratio alone would empty.
-    """
-    _check_min_channels(min_channels)
-    shape = tuple(input_shape) if input_shape is not None else getattr(model, "input_shape", None)
-    analysis = analyze(copy.deepcopy(model), shape)
-    scores = gamma_scores(model, analysis.bns)
-    measure = measure or _measure
-    dense = measure(model, shape)
-    rows = []
-    for ratio in ratios if ratios is not None else ratio_grid():
-        threshold = ratio_threshold(scores, ratio)
-        masks, _, emptied = _keep(scores, threshold, min_channels)
-        widths = {n: int(m.sum()) for n, m in masks.items()}
-        params = flops = None
-        if not (emptied and min_channels == 0):  # else no model exists: the row reports the emptied layers
-            slim = measure(rebuild(analysis.clone(), widths), shape)
-            params, flops = int(slim.params), int(slim.flops)
-        rows.append(WhatIfRow(
-            ratio=float(ratio), threshold=threshold, channels_kept=sum(widths.values()),
-            channels_total=sum(m.numel() for m in masks.values()), params=params,
-            params_kept=_fraction(params, dense.params), flops=flops,
-            flops_kept=_fraction(flops, dense.flops), emptied=tuple(emptied),
-        ))
-    return rows
-
-
-def max_safe_ratio(
-    model: nn.Module,
-    input_shape: Sequence[int] | None = None,
-    step: float = 0.05,
-    *,
-    bns: Mapping[str, BNInfo] | None = None,
-) -> float:
-    """The largest ratio of the ``step`` grid that empties no layer (with min_channels 0); 0.0 if none."""
-    shape = tuple(input_shape) if input_shape is not None else getattr(model, "input_shape", None)
-    if bns is None:
-        bns = analyze(model, shape).bns
-    scores = gamma_scores(model, bns)
-    best = 0.0
-    for ratio in ratio_grid(step):
-        if _keep(scores, ratio_threshold(scores, ratio), 0)[2]:
-            break  # the threshold only grows with the ratio: every larger ratio empties too
-        best = ratio
-    return best
