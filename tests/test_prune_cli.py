@@ -107,9 +107,10 @@ def test_ratio_uses_the_paper_threshold_and_writes_a_loadable_slim_checkpoint(
 ) -> None:
     ckpt, dense = _ckpt(tmp_path / "best.safetensors")
     sha_in = file_sha256(ckpt)
-    res = _json([ "prune", str(ckpt), "--ratio", "0.4"], capsys)
+    res = _json(["prune", "--recalibrate", "0", str(ckpt), "--ratio", "0.4"], capsys)
     text_out = str(tmp_path / "t.safetensors")
-    code, stdout, _ = run_cli(["prune", str(ckpt), "--ratio", "0.4", "--out", text_out], capsys)
+    code, stdout, _ = run_cli(["prune", "--recalibrate", "0", str(ckpt), "--ratio", "0.4", "--out", text_out],
+                              capsys)
     assert code == 0 and re.search(r"┃\s+of ┃\n", stdout), stdout  # no empty "note" column
 
     threshold = _paper_threshold(dense, 0.4)
@@ -148,7 +149,7 @@ def test_threshold_zero_keeps_exactly_the_nonzero_gammas(
         for name, idx in zeros.items():
             dense.get_submodule(name).weight[idx] = 0.0  # what a proximal run leaves: exact zeros
     ckpt, _ = _ckpt(tmp_path / "prox.safetensors", dense)
-    res = _json(["prune", str(ckpt), "--threshold", "0"], capsys)
+    res = _json(["prune", "--recalibrate", "0", str(ckpt), "--threshold", "0"], capsys)
     bns = _bns(dense)
     widths = {n: int((bns[n].weight != 0).sum()) for n in res["widths"]}
     assert res["widths"] == widths
@@ -253,7 +254,8 @@ def test_eval_records_the_accuracy_of_the_slim_model(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ckpt, _ = _ckpt(tmp_path / "a.safetensors")
-    res = _json(["prune", str(ckpt), "--ratio", "0.5", "--eval", "--device", "cpu"], capsys)
+    res = _json(["prune", "--recalibrate", "0", str(ckpt), "--ratio", "0.5", "--eval", "--device", "cpu"],
+                capsys)
     loaded = load_checkpoint(res["out"])
     loss, acc = evaluate(build_model(loaded), DATASET, normalization=([0.3], [0.35]))
     assert res["accuracy"] == pytest.approx(acc) and res["loss"] == pytest.approx(loss)
@@ -266,8 +268,8 @@ def test_eval_records_the_accuracy_of_the_slim_model(
     test = create_dataset(DATASET).load("test")
     assert evaluate(build_model(loaded), DATASET, normalization=([0.3], [0.35]), data=test) == (loss, acc)
     assert res["accuracy_before"] == 0.5
-    code, stdout, _ = run_cli(["prune", str(ckpt), "--ratio", "0.5", "--eval", "--device", "cpu", "--out",
-                            str(tmp_path / "b.safetensors")], capsys)
+    code, stdout, _ = run_cli(["prune", "--recalibrate", "0", str(ckpt), "--ratio", "0.5", "--eval",
+                               "--device", "cpu", "--out", str(tmp_path / "b.safetensors")], capsys)
     assert code == 0 and "right after pruning" in stdout and f"{acc:.2%}" in stdout
 
 
@@ -309,8 +311,9 @@ def test_repruning_a_preactivation_resnet_composes_selections(
     arch, shape = "resnet164:depth=11", (3, 16, 16)
     dense = _model(arch, shape, classes=3)
     ckpt, _ = _ckpt(tmp_path / "r.safetensors", dense, **_meta(arch, SYN, shape, 3))
-    first = _json(["prune", str(ckpt), "--ratio", "0.3"], capsys)
-    second = _json(["prune", first["out"], "--ratio", "0.3", "--export", str(tmp_path / "r.onnx")], capsys)
+    first = _json(["prune", "--recalibrate", "0", str(ckpt), "--ratio", "0.3"], capsys)
+    second = _json(["prune", "--recalibrate", "0", first["out"], "--ratio", "0.3", "--export",
+                    str(tmp_path / "r.onnx")], capsys)
     assert sum(second["widths"].values()) < sum(first["widths"].values())
     assert any(layer["needs_selection"] for layer in second["layers"])  # BNs reading the residual trunk
     twice = load_checkpoint(second["out"])

@@ -23,6 +23,7 @@ from slimcli.cli import inspect as _inspect  # noqa: F401  (registers the comman
 from slimcli.cli import list as _list  # noqa: F401  (registers the command)
 from slimcli.cli import prune as _prune  # noqa: F401  (registers the command)
 from slimcli.cli import sparsify_train as _sparsify_train  # noqa: F401  (registers the command)
+from slimcli.cli import sweep as _sweep  # noqa: F401  (registers the command)
 from slimcli.cli.app import app
 from slimcli.errors import SlimError
 

@@ -46,6 +46,12 @@ def _min_channels(value: int) -> int:
         raise typer.BadParameter(str(exc)) from None
 
 
+def _recalibrate(value: int) -> int:
+    if value < 0:
+        raise typer.BadParameter(f"must be an integer >= 0, got {value}")
+    return value
+
+
 def _onnx_path(value: Path | None) -> Path | None:
     if value is not None and value.suffix.lower() != ".onnx":
         raise typer.BadParameter(f"must end in .onnx, e.g. {value.with_suffix('.onnx')}")
@@ -85,12 +91,22 @@ def _render(r: PruneResult) -> None:
                             f"({_pct(r.after.params, r.before.params)})")
     table.add_row("FLOPs (2×MACs)", f"{human(r.before.flops)} → {human(r.after.flops)} "
                                    f"({_pct(r.after.flops, r.before.flops)})")
+    recal = r.recalibration.get("images") or 0
     if r.accuracy is not None:
-        before = f"{r.accuracy_before:.2%} recorded → " if r.accuracy_before is not None else ""
-        table.add_row("test accuracy", f"{before}{r.accuracy:.2%} right after pruning (before fine-tuning)")
+        steps = [f"{r.accuracy_before:.2%} recorded"] if r.accuracy_before is not None else []
+        if recal:
+            steps += [f"{r.accuracy_surgery:.2%} after surgery", f"{r.accuracy:.2%} after recalibration"]
+        else:
+            steps += [f"{r.accuracy:.2%} right after pruning"]
+        table.add_row("test accuracy", " → ".join(steps) + " (before fine-tuning)")
     elif r.accuracy_before is not None:
         table.add_row("test accuracy",
                       f"{r.accuracy_before:.2%} recorded before pruning (--eval measures it after)")
+    if recal:
+        table.add_row("BN statistics", f"recalibrated on {recal:,} training images "
+                                       f"(seed {r.recalibration.get('seed')}; --recalibrate 0: off)")
+    else:
+        table.add_row("BN statistics", f"not recalibrated ({r.recalibration.get('note') or 'off'})")
     if r.report.fold_shift:
         folded = [f for f in r.report.folds if f.targets]
         approx = sum(1 for f in folded if not f.exact)
@@ -160,6 +176,12 @@ def prune(
     min_channels: Annotated[int, typer.Option(
         "--min-channels", callback=_min_channels,
         help="Keep at least N channels in every layer (0: a layer the rule empties is an error).")] = 1,
+    recalibrate: Annotated[int, typer.Option(
+        "--recalibrate", metavar="N", callback=_recalibrate,
+        help="Re-estimate BatchNorm statistics on N training images after surgery (forward passes "
+             "only; 0: off). Skipped with a note when the dataset is not on disk.")] = 2048,
+    seed: Annotated[int, typer.Option(
+        "--seed", callback=_recalibrate, help="Seed that draws the recalibration images.")] = 0,
     fold_shift: Annotated[bool, typer.Option(
         "--fold-shift",
         help="Fold the constant relu(β) of removed channels into the next layer's bias / BN running "
@@ -174,17 +196,19 @@ def prune(
         help="Also export the slim model to ONNX (verified against PyTorch, as slim export).")] = None,
     data_dir: Annotated[Path | None, typer.Option(
         "--data-dir", show_default=False,
-        help="Where the checkpoint's dataset is (for --eval and --export).")] = None,
+        help="Where the checkpoint's dataset is (for --eval, --recalibrate and --export).")] = None,
     device: Annotated[str, typer.Option(
         "--device", callback=device_callback,
-        help="Device for --eval: auto (CUDA if present), cpu, cuda[:N].")] = "auto",
+        help="Device for --eval and --recalibrate: auto (CUDA if present), cpu, cuda[:N].")] = "auto",
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the result as one JSON document on stdout (nothing else).")] = False,
 ) -> None:
     """Prune channels by a global |γ| rule and write a slim checkpoint (stage "pruned").
 
-    The checkpoint records the kept widths, so it loads without pruning code; --export also
-    writes a verified ONNX model, --eval measures accuracy before fine-tuning.
+    The checkpoint records the kept widths, so it loads without pruning code. BatchNorm
+    statistics are re-estimated on 2048 training images (--recalibrate), which undoes the
+    shift the removed channels' β leave behind; --export also writes a verified ONNX model,
+    --eval measures accuracy before fine-tuning.
     """
     from slimcli.flows.prune import newest_checkpoint, prune_checkpoint
 
@@ -203,7 +227,7 @@ def prune(
         err.print(f"checkpoint: {ckpt} (the newest under ./runs)", markup=False, highlight=False)
     result = prune_checkpoint(
         ckpt, rule, value, min_channels, out_path, eval=eval_, export=export,
-        data_dir=data_dir, device=device, fold_shift=fold_shift,
+        data_dir=data_dir, device=device, fold_shift=fold_shift, recalibrate=recalibrate, seed=seed,
         log=lambda msg: err.print(msg, markup=False, highlight=False),
     )
     if as_json:

@@ -23,14 +23,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from slimcli._fs import atomic_target
-from slimcli.checkpoint import STATE_SUFFIX, ensure_folder, lineage_entry, load_checkpoint, save_checkpoint
+from slimcli.checkpoint import (
+    STATE_SUFFIX,
+    Checkpoint,
+    ensure_folder,
+    lineage_entry,
+    load_checkpoint,
+    save_checkpoint,
+)
+from slimcli.data import create_dataset
 from slimcli.errors import CheckpointError, DataError, UsageError
 from slimcli.export import ExportReport, check_onnx_destination, export_checkpoint, latest_accuracy
 from slimcli.measure import Measurement, measure
-from slimcli.model import build_model, evaluate, normalization_of
+from slimcli.model import CALIBRATION_BATCH, build_model, calibration_images, evaluate, normalization_of
+from slimcli.model import recalibrate as recalibrate_model
 from slimcli.prune.fold import fold_summary
 from slimcli.prune.rules import RULE_VALUES, KeepPlan, check_min_channels, check_rule, compute_keep
 from slimcli.prune.surgery import PruneReport, prune_model
@@ -57,6 +67,8 @@ class PruneResult:
     loss: float | None = None
     export: ExportReport | None = None
     model: nn.Module | None = field(default=None, repr=False)  # the slim model (CPU, eval mode)
+    accuracy_surgery: float | None = None  # right after surgery, before recalibration (with eval)
+    recalibration: dict[str, Any] = field(default_factory=dict)  # see Pruned.recalibration
 
     @property
     def flops_pruned_ratio(self) -> float:
@@ -73,8 +85,10 @@ class PruneResult:
             "widths": dict(self.report.widths),
             "layers": [r.as_dict() for r in self.report.layers],
             "accuracy_before": self.accuracy_before,
-            "accuracy": self.accuracy,
+            "accuracy_after_surgery": self.accuracy_surgery,
+            "accuracy": self.accuracy,  # of the checkpoint written (after recalibration when it ran)
             "loss": self.loss,
+            "recalibration": dict(self.recalibration),
         }
         if self.export is not None:
             e = self.export
@@ -139,11 +153,106 @@ def _check_out(source: Path, out: Path) -> None:
 # the pipeline
 
 
-def _prune_meta(
-    plan: KeepPlan, report: PruneReport, before: Measurement, after: Measurement,
-    accuracy: float | None, loss: float | None, source_sha: str,
-) -> dict[str, Any]:
-    meta = {
+#: Training images used for BatchNorm recalibration by default (``--recalibrate``).
+#: Measured on Fashion-MNIST VGG-19 checkpoints (docs/pruning.md): 2048 is within noise of
+#: the whole training set and costs about a second on 2 CPU cores.
+DEFAULT_RECALIBRATION = 2048
+
+
+@dataclass
+class Pruned:
+    """A slim model and its numbers, before anything is written (see :func:`prune_loaded`)."""
+
+    plan: KeepPlan
+    report: PruneReport
+    model: nn.Module  # CPU, eval mode
+    before: Measurement
+    after: Measurement
+    accuracy_surgery: float | None  # right after surgery (eval only)
+    loss_surgery: float | None
+    accuracy: float | None  # of ``model`` as returned: after recalibration when it ran
+    loss: float | None
+    #: {"images": N, "seed", "batch_size", "split"} or {"images": 0, "note": why not}
+    recalibration: dict[str, Any] = field(default_factory=dict)
+
+
+def prune_loaded(
+    ckpt: Checkpoint,
+    model: nn.Module,
+    rule: str,
+    value: float,
+    min_channels: int = 1,
+    *,
+    fold_shift: bool = False,
+    recalibrate: int = 0,
+    seed: int = 0,
+    eval: bool = False,
+    device: str = "cpu",
+    data_dir: str | os.PathLike[str] | None = None,
+    log: Callable[[str], None] | None = None,
+    test_data: tuple[Tensor, Tensor] | None = None,
+    calibration: Tensor | None = None,
+) -> Pruned:
+    """Prune ``model`` (the dense model ``ckpt`` describes, left untouched) and measure it.
+
+    The steps of ``slim prune`` and of every ``slim sweep`` cell: keep rule → surgery
+    (optionally folding β) → BatchNorm recalibration on ``recalibrate`` training images drawn
+    with ``seed`` (skipped with a note when the dataset is not on disk) → test accuracy when
+    ``eval``, after surgery and after recalibration. ``test_data`` and ``calibration`` (uint8
+    images) are preloaded data that spare reading the dataset again.
+    """
+    say = log or (lambda _msg: None)
+    if isinstance(recalibrate, bool) or not isinstance(recalibrate, int) or recalibrate < 0:
+        raise UsageError(f"recalibrate must be an integer >= 0 (images; 0 = off), got {recalibrate!r}")
+    shape = ckpt.input_shape
+    plan = compute_keep(model, rule, value, min_channels, input_shape=shape)
+    slim, report = prune_model(model, plan, input_shape=shape, fold_shift=fold_shift)
+    slim.eval()
+    before, after = measure(model, shape), measure(slim, shape)
+    dataset = str(ckpt.meta.get("dataset") or "")
+    norm = normalization_of(ckpt.meta)
+    dev = resolve_device(device) if (eval or recalibrate) else None
+
+    def test() -> tuple[float, float]:
+        say(f"evaluating the pruned model on {dataset} (test split, {dev})")
+        return evaluate(slim, dataset, data_dir, dev, normalization=norm, data=test_data)
+
+    acc_surgery = loss_surgery = None
+    if eval:
+        loss_surgery, acc_surgery = test()
+    recal: dict[str, Any] = {"images": 0, "note": "off (--recalibrate 0)"}
+    if recalibrate > 0:
+        images = calibration
+        if images is None:
+            try:
+                if not dataset:
+                    raise DataError("the checkpoint records no dataset")
+                images = calibration_images(dataset, recalibrate, seed=seed, data_dir=data_dir)
+            except DataError as exc:
+                recal = {"images": 0, "note": f"skipped: {exc}"}
+                say(f"note: no BatchNorm recalibration, the training data is not readable ({exc}); "
+                    f"pass --data-dir, or --recalibrate 0 to silence this")
+        if images is not None:
+            say(f"recalibrating BatchNorm statistics on {len(images)} training images ({dev})")
+            with torch.no_grad():
+                used = recalibrate_model(slim, images, norm or _dataset_norm(dataset), dev)
+            recal = {"images": used, "seed": seed, "batch_size": CALIBRATION_BATCH, "split": "train"}
+    accuracy, loss = acc_surgery, loss_surgery
+    if eval and recal["images"]:
+        loss, accuracy = test()
+    slim.to("cpu").eval()
+    return Pruned(plan, report, slim, before, after, acc_surgery, loss_surgery, accuracy, loss, recal)
+
+
+def _dataset_norm(spec: str) -> tuple[list[float], list[float]]:
+    ds = create_dataset(spec)
+    return list(ds.mean), list(ds.std)
+
+
+def pruned_meta(ckpt: Checkpoint, pruned: Pruned, command: str | None = None) -> dict[str, Any]:
+    """The metadata of the slim checkpoint: the parent's, plus widths, stage, ``prune``, metrics, lineage."""
+    plan, report, before, after = pruned.plan, pruned.report, pruned.before, pruned.after
+    prune = {
         **plan.summary(),
         "kept": {r.name: r.kept for r in report.layers if r.prunable},
         "channels": {r.name: r.channels for r in report.layers if r.prunable},
@@ -154,14 +263,27 @@ def _prune_meta(
         "flops_before": before.flops,
         "flops_after": after.flops,
         "flops_pruned_ratio": 1.0 - after.flops / before.flops if before.flops else 0.0,
-        "source_sha256": source_sha,
+        "source_sha256": ckpt.sha256,
         "fold_shift": report.fold_shift,
+        "recalibration": dict(pruned.recalibration),
     }
     if report.fold_shift:
-        meta["fold"] = fold_summary(report.folds)
-    if accuracy is not None:
-        meta["accuracy"] = accuracy
-        meta["loss"] = loss
+        prune["fold"] = fold_summary(report.folds)
+    if pruned.accuracy is not None:
+        prune["accuracy"] = pruned.accuracy
+        prune["loss"] = pruned.loss
+        prune["accuracy_after_surgery"] = pruned.accuracy_surgery
+        prune["loss_after_surgery"] = pruned.loss_surgery
+    meta = {k: v for k, v in ckpt.meta.items() if k not in ("format", "version")}
+    meta["widths"] = dict(report.widths)
+    meta["stage"] = "pruned"
+    meta["prune"] = prune
+    metrics = dict(meta.get("metrics") or {})
+    metrics.pop("pruned", None)  # a re-pruned checkpoint's old number no longer applies
+    if pruned.accuracy is not None:
+        metrics["pruned"] = {"test_acc": pruned.accuracy, "test_loss": pruned.loss}
+    meta["metrics"] = metrics
+    meta["lineage"] = [*ckpt.lineage, lineage_entry("pruned", ckpt.sha256, command)]
     return meta
 
 
@@ -180,6 +302,8 @@ def prune_checkpoint(
     export_options: Mapping[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
     fold_shift: bool = False,
+    recalibrate: int = 0,
+    seed: int = 0,
 ) -> PruneResult:
     """Prune the checkpoint at ``ckpt_path`` under ``rule`` and write the slim checkpoint.
 
@@ -191,7 +315,10 @@ def prune_checkpoint(
     file via :func:`slimcli.export.export_checkpoint` (``export_options`` are passed on).
     ``command`` is recorded in the lineage (default: this process's command line); ``log``
     receives progress lines. ``fold_shift`` folds the removed channels' BatchNorm shifts into
-    the next layers (:mod:`slimcli.prune.fold`) instead of dropping them.
+    the next layers (:mod:`slimcli.prune.fold`) instead of dropping them; ``recalibrate``
+    re-estimates BatchNorm statistics on that many training images (``seed`` draws them;
+    ``slim prune`` passes :data:`DEFAULT_RECALIBRATION`, the library default is off). The
+    input checkpoint is only read.
     """
     say = log or (lambda _msg: None)
     value = check_rule(rule, value)  # a ratio strictly in (0, 1): 0 would prune nothing
@@ -205,34 +332,15 @@ def prune_checkpoint(
 
     ckpt = load_checkpoint(source)
     model = build_model(ckpt)
-    shape = ckpt.input_shape
     if eval and not ckpt.meta.get("dataset"):
         raise DataError(f"{source} records no dataset, so --eval cannot know what to test on; drop --eval")
 
     say(f"pruning {source} ({ckpt.arch}, stage {ckpt.stage or '?'}) with {rule.replace('_', '-')} {value:g}")
-    plan = compute_keep(model, rule, value, min_channels, input_shape=shape)
-    slim, report = prune_model(model, plan, input_shape=shape, fold_shift=fold_shift)
-    slim.eval()
-    before, after = measure(model, shape), measure(slim, shape)
-
-    accuracy = loss = None
-    if eval:
-        dev = resolve_device(device)
-        say(f"evaluating the pruned model on {ckpt.meta['dataset']} (test split, {dev})")
-        loss, accuracy = evaluate(slim, str(ckpt.meta["dataset"]), data_dir, dev,
-                                  normalization=normalization_of(ckpt.meta))
-        slim.to("cpu")
-
-    meta = {k: v for k, v in ckpt.meta.items() if k not in ("format", "version")}
-    meta["widths"] = dict(report.widths)
-    meta["stage"] = "pruned"
-    meta["prune"] = _prune_meta(plan, report, before, after, accuracy, loss, ckpt.sha256)
-    metrics = dict(meta.get("metrics") or {})
-    metrics.pop("pruned", None)  # a re-pruned checkpoint's old number no longer applies
-    if accuracy is not None:
-        metrics["pruned"] = {"test_acc": accuracy, "test_loss": loss}
-    meta["metrics"] = metrics
-    meta["lineage"] = [*ckpt.lineage, lineage_entry("pruned", ckpt.sha256, command)]
+    pruned = prune_loaded(ckpt, model, rule, value, min_channels, fold_shift=fold_shift,
+                          recalibrate=recalibrate, seed=seed, eval=eval, device=device,
+                          data_dir=data_dir, log=say)
+    slim = pruned.model
+    meta = pruned_meta(ckpt, pruned, command)
 
     # checkpoint → temporary file, ONNX → its place (atomic), then the checkpoint → its place
     ensure_folder(target.parent)
@@ -255,17 +363,23 @@ def prune_checkpoint(
         raise CheckpointError(f"could not write {target}: {exc.strerror or exc}; nothing written") from None
 
     return PruneResult(
-        source=source, source_sha256=ckpt.sha256, out=target, sha256=sha, plan=plan, report=report,
-        before=before, after=after, meta=meta, accuracy_before=latest_accuracy(ckpt.meta),
-        accuracy=accuracy, loss=loss, export=report_onnx, model=slim,
+        source=source, source_sha256=ckpt.sha256, out=target, sha256=sha, plan=pruned.plan,
+        report=pruned.report, before=pruned.before, after=pruned.after, meta=meta,
+        accuracy_before=latest_accuracy(ckpt.meta), accuracy=pruned.accuracy, loss=pruned.loss,
+        export=report_onnx, model=slim, accuracy_surgery=pruned.accuracy_surgery,
+        recalibration=dict(pruned.recalibration),
     )
 
 
 __all__ = [
-    "RULE_VALUES",  # re-exported from slimcli.prune.rules
+    "DEFAULT_RECALIBRATION",
+    "RULE_VALUES",
     "PruneResult",
+    "Pruned",  # re-exported from slimcli.prune.rules
     "check_rule",  # re-exported from slimcli.prune.rules
     "default_out",
     "newest_checkpoint",
     "prune_checkpoint",
+    "prune_loaded",
+    "pruned_meta",
 ]
