@@ -189,8 +189,10 @@ AUTOGRAD_CASES = [
     ("tl1:a=2", set()),
     ("mcp:theta=0.2", {0.6}),
     ("mcp:a=1.5", {0.45}),  # θ = λ = 0.3
+    ("mcp:a=1", {0.3}),  # the authors' a = 1
     ("scad:theta=0.2", {0.2, 0.74}),
     ("scad:a=2.5", {0.3, 0.75}),
+    ("scad:a=1.5", {0.3, 0.45}),
 ]
 
 
@@ -269,9 +271,13 @@ PROX_CASES = [
     ("mcp", 0.4),  # θ = λ: aθ = 1.2
     ("mcp:a=2,theta=0.3", 0.1),  # aθ = 0.6
     ("mcp:a=1.5,theta=1", 0.1),
+    ("mcp:a=1,theta=0.3", 0.1),  # the authors' a = 1
+    ("mcp:a=0.5,theta=0.4", 0.1),  # aθ = 0.2: hard thresholding from step 0.2 on
     ("scad", 0.3),  # θ = λ: aθ = 1.11, (a−1)θ = 0.81
     ("scad:theta=0.2", 0.1),  # (a−1)θ = 0.54
     ("scad:a=2.5,theta=0.5", 0.1),  # (a−1)θ = 0.75
+    ("scad:a=1.5,theta=0.4", 0.1),  # 1 < a ≤ 2: valid, (a−1)θ = 0.2
+    ("scad:a=2,theta=0.3", 0.1),  # Fan & Li's excluded boundary
 ]
 
 
@@ -515,10 +521,12 @@ INVALID = [
     ("tl1:a=-1", "a > 0"),
     ("tl1:a=0", "a > 0"),
     ("tl1:a=inf", "a > 0"),
-    ("mcp:a=1", "a > 1"),
+    ("mcp:a=0", "a > 0"),
+    ("mcp:a=-1", "a > 0"),
     ("mcp:theta=0", "theta > 0"),
     ("mcp:theta=-0.1", "theta > 0"),
-    ("scad:a=2", "a > 2"),
+    ("scad:a=1", "a > 1"),
+    ("scad:a=0.5", "a > 1"),
     ("scad:theta=-1", "theta > 0"),
     ("l1-l2:alpha=0", "0 < alpha <= 1"),
     ("l1-l2:alpha=1.5", "0 < alpha <= 1"),
@@ -560,7 +568,7 @@ def test_listing_shows_every_penalty_with_its_rules() -> None:
     rules = {info.name: {o["name"]: o["rule"] for o in info.as_dict()["options"]} for info in PENALTIES}
     assert rules["lp"] == {"p": "0 < p < 1", "eps": "eps >= 0"}
     assert rules["tl1"] == {"a": "a > 0"}
-    assert rules["mcp"]["a"] == "a > 1" and rules["scad"]["a"] == "a > 2"
+    assert rules["mcp"]["a"] == "a > 0" and rules["scad"]["a"] == "a > 1"
     assert rules["mcp"]["theta"] == rules["scad"]["theta"] == "theta > 0, or none (= lam)"
     assert rules["l1-l2"] == {"alpha": "0 < alpha <= 1"}
     assert all(PENALTIES.get(n).description for n in ("lp", "tl1", "mcp", "scad", "l1-l2"))

@@ -16,8 +16,11 @@ class MCP(_ThetaPenalty):
     """MCP_{θ,a}/θ: |x| − x²/(2aθ) for |x| ≤ aθ, aθ/2 beyond; θ = λ by default; prox = firm thresholding."""
 
     options = (
-        Option("a", float, 3.0, "concavity: MCP is flat beyond |x| = a·theta",
-               check=lambda v: 1 < v < math.inf, rule="a > 1"),
+        # Any a > 0 defines MCP and its prox (firm thresholding while step < aθ, hard
+        # thresholding beyond). a > 1 is only the classical least-squares condition (a convex
+        # prox at step θ); the authors' code uses a = 1.
+        Option("a", float, 3.0, "concavity: MCP is flat beyond |x| = a·theta (the authors' code: 1)",
+               check=lambda v: 0 < v < math.inf, rule="a > 0"),
         THETA_OPTION,
     )
 

@@ -16,8 +16,11 @@ class SCAD(_ThetaPenalty):
     """SCAD_{θ,a}/θ: |x| up to θ, quadratic up to aθ, (a+1)θ/2 beyond; θ = λ by default."""
 
     options = (
+        # The quadratic piece needs a > 1 (it divides by a − 1); Fan & Li's a > 2 only makes
+        # their step-θ rule convex. The prox below covers every a > 1 (its concave case compares
+        # the two convex pieces).
         Option("a", float, 3.7, "SCAD is flat beyond |x| = a·theta (3.7: Fan & Li)",
-               check=lambda v: 2 < v < math.inf, rule="a > 2"),
+               check=lambda v: 1 < v < math.inf, rule="a > 1"),
         THETA_OPTION,
     )
 
