@@ -122,7 +122,7 @@ def test_a_half_done_sweep_recomputes_nothing_finished(
 
     monkeypatch.setattr(sw, "prune_loaded", counting)
     again = run_sweep(two, [0.2, 0.4, 0.6], out, settings, device="cpu")
-    assert again.computed == 2 and sorted(calls) == [0.4, 0.6]
+    assert again.computed == 2 and again.reused == 4 and sorted(calls) == [0.4, 0.6]
     assert again.doc["cells"] == full.doc["cells"]
     calls.clear()
     assert run_sweep(two, [0.2, 0.4, 0.6], out, settings, device="cpu").computed == 0 and calls == []

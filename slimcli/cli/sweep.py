@@ -63,8 +63,10 @@ def _render(result: SweepResult) -> None:
             table.add_row(f"{cell['ratio']:.2f}", _pct(cell.get("params_pruned")),
                           *[_pct(cell.get(k)) for k in stages])
         out.print(table)
-    out.print(f"{result.computed} cell(s) computed, {len(doc['cells']) - result.computed} from an earlier "
-              f"run; wrote " + ", ".join(str(p) for p in result.files), markup=False, highlight=False)
+    past = len(doc["cells"]) - result.computed - result.reused
+    out.print(f"{result.computed} cell(s) computed, {result.reused} from an earlier run, {past} past a ratio "
+              f"that empties a layer; wrote " + ", ".join(str(p) for p in result.files),
+              markup=False, highlight=False)
 
 
 @app.command("sweep", short_help="Prune checkpoints at every ratio, tabulate, plot.")

@@ -93,7 +93,8 @@ class SweepResult:
 
     out: Path
     doc: dict[str, Any]
-    computed: int  # cells computed in this run (the rest came from an earlier run)
+    computed: int  # cells computed in this run
+    reused: int = 0  # cells taken from an earlier run into the same folder
     files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -169,7 +170,7 @@ def run_sweep(
     labels = _labels(ckpts)
     previous = _load_previous(out_dir / "sweep.json")
     total = len(ckpts) * len(ratios)
-    done = computed = 0
+    done = computed = reused = 0
     notes: list[str] = []
     doc: dict[str, Any] = {
         "sweep_version": SWEEP_VERSION,
@@ -197,6 +198,7 @@ def run_sweep(
             if progress:
                 progress(done, total, f"{label} @ {ratio:g}")
             cell = previous.get(cid)
+            reused += cell is not None
             if cell is None and stopped:  # past the first emptying ratio: no model, no numbers
                 cell = {"id": cid, "label": label, "sha256": ckpt.sha256, "ratio": ratio, "emptied": True,
                         "emptied_layers": None, **dict.fromkeys(_NUMBERS)}
@@ -219,7 +221,7 @@ def run_sweep(
     png = _plot(doc, out_dir / "sweep.png", notes)
     if png is not None:
         files.append(png)
-    return SweepResult(out_dir, doc, computed, files, notes)
+    return SweepResult(out_dir, doc, computed, reused, files, notes)
 
 
 def _data_for(ckpt: Checkpoint, settings: SweepSettings, data_dir: Any) -> tuple[Any, Any, str | None]:
