@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -37,3 +39,22 @@ def device_callback(value: str) -> str:
         return check_device_string(value)
     except UsageError as exc:
         raise typer.BadParameter(str(exc).removeprefix("--device ")) from None
+
+
+def library_check(module: str, name: str) -> Callable[[Any], Any]:
+    """A Typer callback running the library's own validator ``module.name`` (e.g.
+    ``slimcli.prune.rules.check_min_channels``), so an option is checked by the same code as
+    the library call it feeds; its :class:`UsageError` becomes the option's usage error (exit 2).
+    The module is imported when the callback runs, not at start-up (it imports torch)."""
+
+    def check(value: Any) -> Any:
+        if value is None:  # an optional option that was not given
+            return None
+        validate = getattr(importlib.import_module(module), name)
+        try:
+            return validate(value)
+        except UsageError as exc:
+            raise typer.BadParameter(str(exc)) from None
+
+    return check
+

@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from slimcli._fs import atomic_write_bytes
-from slimcli.cli._common import err, out
+from slimcli.cli._common import err, library_check, out
 from slimcli.cli.app import app
 from slimcli.errors import SlimError
 
@@ -25,25 +25,12 @@ _EIGHTHS = " ▏▎▍▌▋▊▉"
 _SHOW_EMPTIED = 1
 
 
-def _ratio(value: float) -> float:
-    """--ratio: the library's own check (:func:`slimcli.prune.check_ratio`), as exit 2."""
-    from slimcli.errors import UsageError
-    from slimcli.prune.rules import check_ratio
-
-    try:
-        return check_ratio(value)
-    except UsageError as exc:
-        raise typer.BadParameter(str(exc)) from None
+#: the library's own check, as exit 2
+_ratio = library_check("slimcli.prune.rules", "check_ratio")
 
 
-def _min_channels(value: int) -> int:
-    from slimcli.errors import UsageError
-    from slimcli.prune.rules import check_min_channels
-
-    try:
-        return check_min_channels(value)
-    except UsageError as exc:
-        raise typer.BadParameter(str(exc)) from None
+#: the library's own check, as exit 2
+_min_channels = library_check("slimcli.prune.rules", "check_min_channels")
 
 
 def _plot_path(value: Path | None) -> Path | None:

@@ -12,7 +12,7 @@ from rich.columns import Columns
 from rich.markup import escape
 from rich.table import Table
 
-from slimcli.cli._common import device_callback, err, out
+from slimcli.cli._common import device_callback, err, library_check, out
 from slimcli.cli.app import app
 
 if TYPE_CHECKING:
@@ -36,14 +36,8 @@ def _rule_value(param: typer.CallbackParam, value: float | None) -> float | None
         raise typer.BadParameter(str(exc)) from None
 
 
-def _min_channels(value: int) -> int:
-    from slimcli.errors import UsageError
-    from slimcli.prune.rules import check_min_channels
-
-    try:
-        return check_min_channels(value)
-    except UsageError as exc:
-        raise typer.BadParameter(str(exc)) from None
+#: the library's own check, as exit 2
+_min_channels = library_check("slimcli.prune.rules", "check_min_channels")
 
 
 def _recalibrate(value: int) -> int:

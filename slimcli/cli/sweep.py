@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from slimcli.cli._common import device_callback, err, out
+from slimcli.cli._common import device_callback, err, library_check, out
 from slimcli.cli.app import app
 
 if TYPE_CHECKING:
@@ -32,10 +32,8 @@ def _non_negative(value: int) -> int:
     return value
 
 
-def _min_channels(value: int | None) -> int | None:
-    if value is not None and value < 0:
-        raise typer.BadParameter(f"must be an integer >= 0, got {value}")
-    return value
+#: the library's own check, as exit 2
+_min_channels = library_check("slimcli.prune.rules", "check_min_channels")
 
 
 def _pct(value: float | None) -> str:
