@@ -225,3 +225,23 @@ def test_prune_without_training_data_notes_it_and_goes_on(
     assert len(notes) == 1 and "--recalibrate 0" in notes[0]
     meta = load_checkpoint(tmp_path / "best-pruned.safetensors").meta["prune"]["recalibration"]
     assert meta["images"] == 0 and meta["note"].startswith("skipped")
+
+
+def test_recalibration_composes_with_fold_shift(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--fold-shift first moves β into biases / running means, recalibration then re-estimates the
+    BatchNorm statistics: both are recorded, and only BatchNorm statistics differ from folding alone."""
+    ckpt = _ckpt(tmp_path / "best.safetensors", "l1", 0)
+    outs = {}
+    for name, recal in (("fold", "0"), ("both", "64")):
+        code, stdout, stderr = run_cli(["prune", str(ckpt), "--ratio", "0.5", "--fold-shift", "--recalibrate",
+                                        recal, "--device", "cpu", "--json", "--out",
+                                        str(tmp_path / f"{name}.safetensors")], capsys)
+        assert code == 0, stderr
+        outs[name] = json.loads(stdout)
+    assert outs["both"]["prune"]["fold_shift"] and outs["both"]["recalibration"]["images"] == 64
+    assert outs["fold"]["recalibration"]["images"] == 0
+    fold = load_checkpoint(tmp_path / "fold.safetensors").tensors
+    both = load_checkpoint(tmp_path / "both.safetensors").tensors
+    changed = {k for k, v in fold.items() if not torch.equal(v, both[k])}
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    assert changed and all(k.endswith(stats) for k in changed)
