@@ -369,12 +369,20 @@ def _plot(doc: dict[str, Any], path: Path, notes: list[str]) -> Path | None:
         color = f"C{i % 10}"
         pairs = [(c["ratio"], c["params_pruned"], _best_accuracy(c)[1]) for c in cells]
         pairs = [p for p in pairs if p[2] is not None]
+        stage = "surgery"
         if pairs:
             stage = _best_accuracy(cells[0])[0]
             axes[0].plot([p[0] for p in pairs], [100 * p[2] for p in pairs], "o-", color=color,
                          label=f"{ckpt['label']} ({stage})", markersize=3)
             axes[1].plot([100 * p[1] for p in pairs], [100 * p[2] for p in pairs], "o-", color=color,
                          markersize=3)
+        plain = [(c["ratio"], c["params_pruned"], c["acc_surgery"]) for c in cells
+                 if c.get("acc_surgery") is not None]
+        if plain and stage != "surgery":  # the paper's number (no recalibration), dotted
+            axes[0].plot([p[0] for p in plain], [100 * p[2] for p in plain], ":", color=color, linewidth=1,
+                         label=f"{ckpt['label']} (after surgery)")
+            axes[1].plot([100 * p[1] for p in plain], [100 * p[2] for p in plain], ":", color=color,
+                         linewidth=1)
         if ckpt.get("accuracy") is not None:
             for ax in axes:
                 ax.axhline(100 * ckpt["accuracy"], color=color, linestyle="--", linewidth=0.8)
@@ -384,7 +392,8 @@ def _plot(doc: dict[str, Any], path: Path, notes: list[str]) -> Path | None:
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="lower left")
-    fig.suptitle("slim sweep: accuracy after pruning (dashed: dense accuracy)", fontsize=10)
+    fig.suptitle("slim sweep: accuracy after pruning (dashed: dense accuracy; dotted: right after surgery)",
+                 fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     FigureCanvasAgg(fig).print_png(buf)
