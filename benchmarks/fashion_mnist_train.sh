@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 RUNS=${1:-runs/fashion-mnist}
 JOBS=${2:-2}
 SLIM=${SLIM:-.venv/bin/slim}
-PENALTIES=(tl1:a=0.5 l1 none lp:p=0.5 tl1:a=1 mcp scad lp:p=0.75 mcp:theta=0.1 scad:theta=0.1)
+PENALTIES=(tl1:a=0.5 l1 none lp:p=0.5 mcp scad tl1:a=1 lp:p=0.75 mcp:theta=0.1 scad:theta=0.1)
 mkdir -p "$RUNS"
 
 one() {
