@@ -70,7 +70,7 @@ def _render(result: SweepResult) -> None:
 @app.command("sweep", short_help="Prune checkpoints at every ratio, tabulate, plot.")
 def sweep(
     ckpts: Annotated[list[Path], typer.Argument(
-        metavar="CKPT...", help="Checkpoints to sweep (one column each).", show_default=False)],
+        metavar="CKPT", help="Checkpoints to sweep (one column each).", show_default=False)],
     ratios: Annotated[str, typer.Option(
         "--ratios", callback=_ratios,
         help="START:STOP:STEP (inclusive) or a list like 0.3,0.5,0.7.")] = "0.05:0.95:0.05",
