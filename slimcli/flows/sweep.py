@@ -69,6 +69,9 @@ class SweepSettings:
 
     recalibrate: int = DEFAULT_RECALIBRATION
     finetune_epochs: int = 0
+    #: a short fine-tune from trained weights wants a small step: lr 0.1 for one epoch undoes
+    #: part of what recalibration recovered (measured: ℓ1 at 0.7, 90.9 % → 85.7 %)
+    finetune_lr: float = 0.01
     min_channels: int | None = None  # None: stop where a layer would empty
     fold_shift: bool = False
     seed: int = 0
@@ -80,11 +83,16 @@ class SweepSettings:
                 raise UsageError(f"{name.replace('_', '-')} must be an integer >= 0, got {value!r}")
         if self.min_channels is not None:
             check_min_channels(self.min_channels)
+        if not (isinstance(self.finetune_lr, (int, float)) and 0 < self.finetune_lr < math.inf):
+            raise UsageError(f"finetune-lr must be a positive number, got {self.finetune_lr!r}")
         return self
 
     def key(self) -> dict[str, Any]:
-        return {"recalibrate": self.recalibrate, "finetune_epochs": self.finetune_epochs,
-                "min_channels": self.min_channels, "fold_shift": self.fold_shift, "seed": self.seed}
+        key = {"recalibrate": self.recalibrate, "finetune_epochs": self.finetune_epochs,
+               "min_channels": self.min_channels, "fold_shift": self.fold_shift, "seed": self.seed}
+        if self.finetune_epochs:
+            key["finetune_lr"] = self.finetune_lr
+        return key
 
 
 @dataclass
@@ -294,9 +302,11 @@ def _finetune(ckpt: Checkpoint, pruned: Any, label: str, ratio: float, settings:
         result = train(TrainConfig(resume=str(run), device=device, data_dir=where))
     else:
         result = train(TrainConfig(stage="finetuned", parent=str(path), dataset=None, penalty="none", lam=0.0,
-                                   epochs=settings.finetune_epochs, seed=settings.seed, device=device,
+                                   epochs=settings.finetune_epochs, lr=settings.finetune_lr,
+                                   seed=settings.seed, device=device,
                                    out=str(run), data_dir=where,
-                                   command=f"slim sweep --finetune-epochs {settings.finetune_epochs}"))
+                                   command=f"slim sweep --finetune-epochs {settings.finetune_epochs} "
+                                           f"--finetune-lr {settings.finetune_lr:g}"))
     last = result.last or {}
     return float(last.get("test_acc", result.best_acc))
 
