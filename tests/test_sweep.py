@@ -149,8 +149,15 @@ def test_sweep_finetunes_cells(tmp_path: Path) -> None:
     res = run_sweep([ckpt], [0.5], tmp_path / "s", settings, device="cpu")
     cell = res.doc["cells"][0]
     assert cell["acc_finetuned"] is not None and 0 <= cell["acc_finetuned"] <= 1
-    ft = load_checkpoint(tmp_path / "s" / "cells" / "l1" / "ratio-0.5-ft" / "last.safetensors")
+    run = tmp_path / "s" / "cells" / "l1" / "ratio-0.5-ft1-lr0.01-s0"
+    ft = load_checkpoint(run / "last.safetensors")
     assert ft.stage == "finetuned" and ft.meta["prune"]["recalibration"]["images"] == 32
+    # a fine-tune interrupted after its checkpoint was written continues instead of starting over
+    doc = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    doc["cells"] = []
+    (tmp_path / "s" / "sweep.json").write_text(json.dumps(doc))
+    again = run_sweep([ckpt], [0.5], tmp_path / "s", settings, device="cpu")
+    assert again.computed == 1 and again.doc["cells"][0]["acc_finetuned"] == cell["acc_finetuned"]
 
 
 def test_sweep_bad_input(two: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

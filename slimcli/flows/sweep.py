@@ -296,10 +296,12 @@ def _finetune(ckpt: Checkpoint, pruned: Any, label: str, ratio: float, settings:
     path = cell_dir / f"ratio-{ratio:.4g}.safetensors"
     meta = pruned_meta(ckpt, pruned, command=f"slim sweep (ratio {ratio:g})")
     save_checkpoint(path, pruned.model, meta)
-    run = cell_dir / f"ratio-{ratio:.4g}-ft"
+    # the folder names the settings, so a fine-tune with other settings is never resumed by mistake
+    s = settings
+    run = cell_dir / f"ratio-{ratio:.4g}-ft{s.finetune_epochs}-lr{s.finetune_lr:g}-s{s.seed}"
     where = str(data_dir) if data_dir else None
     if run.exists() and (run / "last.safetensors").is_file():  # an interrupted fine-tune continues
-        result = train(TrainConfig(resume=str(run), device=device, data_dir=where))
+        result = train(TrainConfig(resume=str(run), stage="finetuned", device=device, data_dir=where))
     else:
         result = train(TrainConfig(stage="finetuned", parent=str(path), dataset=None, penalty="none", lam=0.0,
                                    epochs=settings.finetune_epochs, lr=settings.finetune_lr,
