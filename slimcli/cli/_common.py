@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -57,4 +58,18 @@ def library_check(module: str, name: str) -> Callable[[Any], Any]:
             raise typer.BadParameter(str(exc)) from None
 
     return check
+
+
+def positive(value: float) -> float:
+    """A Typer callback: a finite number > 0 (learning rates, tolerances)."""
+    if not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"must be a number > 0, got {value}")
+    return value
+
+
+def non_negative(value: float) -> float:
+    """A Typer callback: a finite number >= 0 (λ, momentum, image and epoch counts, seeds)."""
+    if not (math.isfinite(value) and value >= 0):
+        raise typer.BadParameter(f"must be a number >= 0, got {value}")
+    return value
 

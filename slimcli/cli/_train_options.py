@@ -7,7 +7,6 @@ Values are checked here (exit 2 with the option's name); :func:`run_training` bu
 
 from __future__ import annotations
 
-import math
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from slimcli.cli._common import device_callback, err, out, spec_callback
+from slimcli.cli._common import device_callback, err, non_negative, out, positive, spec_callback
 from slimcli.errors import UsageError
 from slimcli.registry import ARCHS, DATASETS, PENALTIES
 
@@ -37,18 +36,6 @@ class Amp(str, Enum):
     off = "off"
     bf16 = "bf16"
     fp16 = "fp16"
-
-
-def _positive(value: float) -> float:
-    if not (math.isfinite(value) and value > 0):
-        raise typer.BadParameter(f"must be a number > 0, got {value}")
-    return value
-
-
-def _non_negative(value: float) -> float:
-    if not (math.isfinite(value) and value >= 0):
-        raise typer.BadParameter(f"must be a number >= 0, got {value}")
-    return value
 
 
 def _seed(value: int) -> int:
@@ -80,16 +67,16 @@ DatasetOpt = Annotated[str, _opt("--dataset", callback=spec_callback(DATASETS),
                                  help="Dataset spec, e.g. cifar10, fashion-mnist, synthetic:n=512.")]
 PenaltyOpt = Annotated[str, _opt("--penalty", help="Sparsity penalty on BN scales: l1, lp:p=0.5, tl1:a=0.5, "
                                  "mcp, scad, l1-l2, none.", callback=spec_callback(PENALTIES))]
-LamOpt = Annotated[float, _opt("--lam", help="Penalty strength λ (loss + λ·ΣR(γ)).", callback=_non_negative)]
+LamOpt = Annotated[float, _opt("--lam", help="Penalty strength λ (loss + λ·ΣR(γ)).", callback=non_negative)]
 UpdateOpt = Annotated[Update, _opt("--update", help="subgradient: γ.grad += λ∂R(γ) after backward (paper); "
                                    "proximal: γ ← prox(γ, lr·λ) after each step (exact zeros).")]
 EpochsOpt = Annotated[int, _opt("--epochs", help="Number of epochs.", min=0)]
 BatchOpt = Annotated[int, _opt("--batch-size", help="Images per step.", min=1)]
-LrOpt = Annotated[float, _opt("--lr", help="Initial SGD learning rate.", callback=_positive)]
-MomentumOpt = Annotated[float, _opt("--momentum", help="SGD momentum.", callback=_non_negative)]
+LrOpt = Annotated[float, _opt("--lr", help="Initial SGD learning rate.", callback=positive)]
+MomentumOpt = Annotated[float, _opt("--momentum", help="SGD momentum.", callback=non_negative)]
 NesterovOpt = Annotated[bool, _opt("--nesterov/--no-nesterov", help="Nesterov momentum.")]
 WdOpt = Annotated[float, _opt("--weight-decay", help="L2 weight decay (also on γ, as in the paper).",
-                              callback=_non_negative)]
+                              callback=non_negative)]
 MilestonesOpt = Annotated[str, _opt("--milestones", help="Fractions of the epochs where lr drops ÷10.",
                                     callback=_milestones)]
 GammaInitOpt = Annotated[float, _opt("--gamma-init", help="Initial value of every BN scale γ.")]

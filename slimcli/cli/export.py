@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from slimcli.cli._common import err, out
+from slimcli.cli._common import err, out, positive
 from slimcli.cli.app import app
 
 if TYPE_CHECKING:
@@ -25,12 +25,6 @@ class Exporter(str, Enum):
 def _onnx_path(value: Path) -> Path:
     if value.suffix.lower() != ".onnx":
         raise typer.BadParameter(f"must end in .onnx, e.g. {value.with_suffix('.onnx')}")
-    return value
-
-
-def _positive(value: float) -> float:
-    if not value > 0:
-        raise typer.BadParameter(f"must be positive, got {value}")
     return value
 
 
@@ -84,7 +78,7 @@ def export(
         Exporter.auto, "--exporter", help="torch.onnx exporter; auto tries torchscript, then dynamo."
     ),
     tolerance: float = typer.Option(
-        1e-4, "--tolerance", callback=_positive, help="Max |ort − torch| / max(1, max|torch|)."
+        1e-4, "--tolerance", callback=positive, help="Max |ort − torch| / max(1, max|torch|)."
     ),
     latency_runs: int = typer.Option(50, "--latency-runs", min=0, help="Timed batch-1 runs (0: skip)."),
 ) -> None:

@@ -12,7 +12,7 @@ from rich.columns import Columns
 from rich.markup import escape
 from rich.table import Table
 
-from slimcli.cli._common import device_callback, err, library_check, out
+from slimcli.cli._common import device_callback, err, library_check, non_negative, out
 from slimcli.cli.app import app
 
 if TYPE_CHECKING:
@@ -38,12 +38,6 @@ def _rule_value(param: typer.CallbackParam, value: float | None) -> float | None
 
 #: the library's own check, as exit 2
 _min_channels = library_check("slimcli.prune.rules", "check_min_channels")
-
-
-def _recalibrate(value: int) -> int:
-    if value < 0:
-        raise typer.BadParameter(f"must be an integer >= 0, got {value}")
-    return value
 
 
 def _onnx_path(value: Path | None) -> Path | None:
@@ -171,11 +165,11 @@ def prune(
         "--min-channels", callback=_min_channels,
         help="Keep at least N channels in every layer (0: a layer the rule empties is an error).")] = 1,
     recalibrate: Annotated[int, typer.Option(
-        "--recalibrate", metavar="N", callback=_recalibrate,
+        "--recalibrate", metavar="N", callback=non_negative,
         help="Re-estimate BatchNorm statistics on N training images after surgery (forward passes "
              "only; 0: off). Skipped with a note when the dataset is not on disk.")] = 2048,
     seed: Annotated[int, typer.Option(
-        "--seed", callback=_recalibrate, help="Seed that draws the recalibration images.")] = 0,
+        "--seed", callback=non_negative, help="Seed that draws the recalibration images.")] = 0,
     fold_shift: Annotated[bool, typer.Option(
         "--fold-shift",
         help="Fold the constant relu(β) of removed channels into the next layer's bias / BN running "

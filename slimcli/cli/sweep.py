@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from slimcli.cli._common import device_callback, err, library_check, out
+from slimcli.cli._common import device_callback, err, library_check, non_negative, out, positive
 from slimcli.cli.app import app
 
 if TYPE_CHECKING:
@@ -23,18 +23,6 @@ def _ratios(value: str) -> str:
         parse_ratios(value)
     except UsageError as exc:
         raise typer.BadParameter(str(exc).removeprefix("--ratios ")) from None
-    return value
-
-
-def _non_negative(value: int) -> int:
-    if value < 0:
-        raise typer.BadParameter(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive(value: float) -> float:
-    if not value > 0:
-        raise typer.BadParameter(f"must be a positive number, got {value}")
     return value
 
 
@@ -81,13 +69,13 @@ def sweep(
         "--ratios", callback=_ratios,
         help="START:STOP:STEP (inclusive) or a list like 0.3,0.5,0.7.")] = "0.05:0.95:0.05",
     recalibrate: Annotated[int, typer.Option(
-        "--recalibrate", metavar="N", callback=_non_negative,
+        "--recalibrate", metavar="N", callback=non_negative,
         help="Re-estimate BatchNorm statistics on N training images after surgery (0: off).")] = 2048,
     finetune_epochs: Annotated[int, typer.Option(
-        "--finetune-epochs", metavar="E", callback=_non_negative,
+        "--finetune-epochs", metavar="E", callback=non_negative,
         help="Also fine-tune every cell for E epochs (no penalty) and report that accuracy.")] = 0,
     finetune_lr: Annotated[float, typer.Option(
-        "--finetune-lr", callback=_positive,
+        "--finetune-lr", callback=positive,
         help="Learning rate of that fine-tune (÷10 at 50 % and 75 % of it).")] = 0.01,
     min_channels: Annotated[int | None, typer.Option(
         "--min-channels", callback=_min_channels, show_default=False,
@@ -96,7 +84,7 @@ def sweep(
     fold_shift: Annotated[bool, typer.Option(
         "--fold-shift", help="Prune as slim prune --fold-shift.")] = False,
     seed: Annotated[int, typer.Option(
-        "--seed", callback=_non_negative, help="Seed of the recalibration images and fine-tuning.")] = 0,
+        "--seed", callback=non_negative, help="Seed of the recalibration images and fine-tuning.")] = 0,
     out_dir: Annotated[Path, typer.Option(
         "--out", help="Folder for sweep.json/.csv/.md/.png (a rerun into it resumes).")] = Path("sweep"),
     data_dir: Annotated[Path | None, typer.Option(

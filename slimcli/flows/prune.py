@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from slimcli._fs import atomic_target
@@ -192,6 +191,7 @@ def prune_loaded(
     log: Callable[[str], None] | None = None,
     test_data: tuple[Tensor, Tensor] | None = None,
     calibration: Tensor | None = None,
+    dense: Measurement | None = None,
 ) -> Pruned:
     """Prune ``model`` (the dense model ``ckpt`` describes, left untouched) and measure it.
 
@@ -199,7 +199,8 @@ def prune_loaded(
     (optionally folding β) → BatchNorm recalibration on ``recalibrate`` training images drawn
     with ``seed`` (skipped with a note when the dataset is not on disk) → test accuracy when
     ``eval``, after surgery and after recalibration. ``test_data`` and ``calibration`` (uint8
-    images) are preloaded data that spare reading the dataset again.
+    images) are preloaded data, and ``dense`` the dense model's measurement, which spare a
+    sweep reading the dataset and counting the dense model again for every ratio.
     """
     say = log or (lambda _msg: None)
     if isinstance(recalibrate, bool) or not isinstance(recalibrate, int) or recalibrate < 0:
@@ -208,7 +209,7 @@ def prune_loaded(
     plan = compute_keep(model, rule, value, min_channels, input_shape=shape)
     slim, report = prune_model(model, plan, input_shape=shape, fold_shift=fold_shift)
     slim.eval()
-    before, after = measure(model, shape), measure(slim, shape)
+    before, after = dense or measure(model, shape), measure(slim, shape)
     dataset = str(ckpt.meta.get("dataset") or "")
     norm = normalization_of(ckpt.meta)
     dev = resolve_device(device) if (eval or recalibrate) else None
@@ -234,8 +235,7 @@ def prune_loaded(
                     f"pass --data-dir, or --recalibrate 0 to silence this")
         if images is not None:
             say(f"recalibrating BatchNorm statistics on {len(images)} training images ({dev})")
-            with torch.no_grad():
-                used = recalibrate_model(slim, images, norm or _dataset_norm(dataset), dev)
+            used = recalibrate_model(slim, images, norm or _dataset_norm(dataset), dev)
             recal = {"images": used, "seed": seed, "batch_size": CALIBRATION_BATCH, "split": "train"}
     accuracy, loss = acc_surgery, loss_surgery
     if eval and recal["images"]:

@@ -34,6 +34,7 @@ from slimcli.data import create_dataset, no_downloads
 from slimcli.errors import DataError, UsageError
 from slimcli.export import latest_accuracy
 from slimcli.flows.prune import DEFAULT_RECALIBRATION, prune_loaded, pruned_meta
+from slimcli.measure import measure
 from slimcli.model import build_model, calibration_images
 from slimcli.prune.rules import check_min_channels, check_rule
 from slimcli.train import TrainConfig, train
@@ -194,6 +195,7 @@ def run_sweep(
 
     for ckpt, label in zip(ckpts, labels, strict=True):
         dense = build_model(ckpt)
+        dense_cost = measure(dense, ckpt.input_shape)  # the same for every ratio
         train_meta = ckpt.meta.get("train") if isinstance(ckpt.meta.get("train"), dict) else {}
         entry = {"label": label, "path": str(ckpt.path), "sha256": ckpt.sha256, "arch": ckpt.arch,
                  "dataset": ckpt.meta.get("dataset"), "penalty": train_meta.get("penalty"),
@@ -216,8 +218,8 @@ def run_sweep(
                     if note:
                         notes.append(f"{label}: {note}")
                         say(f"{label}: {note}")
-                cell = _compute_cell(ckpt, dense, label, ratio, cid, settings, out_dir, device, data_dir,
-                                     test_data, calibration, say)
+                cell = _compute_cell(ckpt, dense, dense_cost, label, ratio, cid, settings, out_dir, device,
+                                     data_dir, test_data, calibration)
                 computed += 1
             doc["cells"].append(cell)
             stopped = stopped or bool(cell.get("emptied"))
@@ -248,14 +250,14 @@ def _data_for(ckpt: Checkpoint, settings: SweepSettings, data_dir: Any) -> tuple
     return test, calibration, note
 
 
-def _compute_cell(ckpt: Checkpoint, dense: Any, label: str, ratio: float, cid: str, settings: SweepSettings,
-                  out_dir: Path, device: str, data_dir: Any, test_data: Any, calibration: Any,
-                  say: Callable[[str], None]) -> dict[str, Any]:
+def _compute_cell(ckpt: Checkpoint, dense: Any, dense_cost: Any, label: str, ratio: float, cid: str,
+                  settings: SweepSettings, out_dir: Path, device: str, data_dir: Any, test_data: Any,
+                  calibration: Any) -> dict[str, Any]:
     floor = settings.min_channels if settings.min_channels is not None else 1
     pruned = prune_loaded(ckpt, dense, "ratio", ratio, floor, fold_shift=settings.fold_shift,
                           recalibrate=settings.recalibrate if calibration is not None else 0,
                           seed=settings.seed, eval=True, device=device, data_dir=data_dir,
-                          test_data=test_data, calibration=calibration)
+                          test_data=test_data, calibration=calibration, dense=dense_cost)
     emptied = list(pruned.plan.emptied)
     cell: dict[str, Any] = {
         "id": cid, "label": label, "sha256": ckpt.sha256, "ratio": ratio,
