@@ -17,7 +17,9 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,6 +275,95 @@ def _with_data_checksum(tensors: dict[str, Tensor], header: dict[str, str]) -> b
 
 
 # --------------------------------------------------------------------------------------
+# metadata checks (once, where a file is read)
+# --------------------------------------------------------------------------------------
+_MAX_DIM = 1 << 16  # an input side or channel count beyond this is a damaged file, not a model
+_MAX_PIXELS = 1 << 26
+_SCALAR = (str, int, float, bool, type(None))
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _bad(field: str, want: str, value: Any) -> CheckpointError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return CheckpointError(f"slim.{field} must be {want}, got {_kind(value)} {shown}")
+
+
+def validate_meta(meta: dict[str, Any]) -> None:
+    """Check the type and range of every ``slim.*`` field slim reads; a :class:`CheckpointError` naming
+    the field when one is wrong (a damaged or hand-edited file). Unknown fields are left alone."""
+    arch = meta.get("arch")
+    if not isinstance(arch, str) or not arch.strip():
+        raise _bad("arch", "an architecture spec string such as vgg19", arch)
+    nc = meta.get("num_classes")
+    if not _is_int(nc) or not 2 <= nc <= 1 << 20:
+        raise _bad("num_classes", "an integer >= 2", nc)
+    shape = meta.get("input_shape")
+    if (not isinstance(shape, list) or not 1 <= len(shape) <= 4
+            or not all(_is_int(d) and 1 <= d <= _MAX_DIM for d in shape)):
+        raise _bad("input_shape", f"a list of 1 to 4 positive integers (at most {_MAX_DIM}), "
+                   f"e.g. [3, 32, 32]", shape)
+    pixels = 1
+    for d in shape:
+        pixels *= d
+    if pixels > _MAX_PIXELS:
+        raise _bad("input_shape", f"an input of at most {_MAX_PIXELS} values", shape)
+    stage = meta.get("stage")
+    if stage is not None and stage not in STAGES:
+        raise _bad("stage", f"one of {', '.join(STAGES)}", stage)
+    widths = meta.get("widths")
+    if widths is not None and (not isinstance(widths, dict) or not all(
+            isinstance(k, str) and _is_int(v) and 1 <= v <= _MAX_DIM for k, v in widths.items())):
+        raise _bad("widths", "an object of layer name -> positive channel count", widths)
+    for key in ("dataset",):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise _bad(key, "a string", meta[key])
+    classes = meta.get("classes")
+    if classes is not None:
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise _bad("classes", "a list of class names", classes)
+        if len(classes) != nc:
+            raise CheckpointError(f"slim.classes names {len(classes)} classes but slim.num_classes is {nc}")
+    norm = meta.get("normalization")
+    if norm is not None:
+        ok = isinstance(norm, dict) and all(
+            isinstance(norm.get(k), list) and len(norm[k]) == shape[0]
+            and all(_number(x) and math.isfinite(x) for x in norm[k]) for k in ("mean", "std"))
+        if not ok or not all(x > 0 for x in norm["std"]):
+            raise _bad("normalization", f"an object with 'mean' and 'std' lists of {shape[0]} finite "
+                       f"numbers (std > 0)", norm)
+    metrics = meta.get("metrics")
+    if metrics is not None and (not isinstance(metrics, dict) or not all(
+            isinstance(v, dict) and all(isinstance(x, _SCALAR) for x in v.values())
+            for v in metrics.values())):
+        raise _bad("metrics", "an object of stage -> {name: number}", metrics)
+    lineage = meta.get("lineage")
+    if lineage is not None:
+        if not isinstance(lineage, list):
+            raise _bad("lineage", "a list of records", lineage)
+        for i, entry in enumerate(lineage):
+            if not isinstance(entry, dict) or not all(entry.get(k) is None or isinstance(entry[k], str)
+                                                      for k in ("stage", "parent", "command", "time")):
+                raise _bad(f"lineage[{i}]", "an object with string stage, parent, command and time", entry)
+    for key in ("prune", "train"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            raise _bad(key, "an object", meta[key])
+    prune = meta.get("prune") or {}
+    for key in ("value", "threshold", "achieved", "params_before", "params_after", "flops_before",
+                "flops_after", "ratio", "accuracy", "loss"):
+        if prune.get(key) is not None and not _number(prune[key]):
+            raise _bad(f"prune.{key}", "a number", prune[key])
+
+
+# --------------------------------------------------------------------------------------
 # reading
 # --------------------------------------------------------------------------------------
 def _check_path(path: Path, what: str) -> None:
@@ -304,6 +395,40 @@ def _looks_like_pickle(data: bytes) -> bool:
     return data[:4] == b"PK\x03\x04" or (len(data) > 1 and data[0] == 0x80 and data[1] <= 5)
 
 
+#: bytes per element of every dtype name safetensors writes
+_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "C64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
+             "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _entry_end(name: str, entry: Any) -> int:
+    """Check one tensor entry of the header (dtype, shape, offsets agree); its end offset."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"entry {name!r} is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in _ITEMSIZE:
+        raise ValueError(f"tensor {name!r} has an unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < 1 << 48 for d in shape):
+        raise ValueError(f"tensor {name!r} has an invalid shape {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] < 1 << 62):
+        raise ValueError(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel * _ITEMSIZE[dtype] != offsets[1] - offsets[0]:
+        raise ValueError(f"tensor {name!r}: shape {shape} of {dtype} does not fit data_offsets {offsets}")
+    return int(offsets[1])
+
+
+def _check_raw_metadata(raw: Any) -> None:
+    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+        raise ValueError("__metadata__ must map strings to strings")
+
+
 def _parse_header(data: bytes, path: Path, what: str) -> dict[str, Any]:
     """Validate the safetensors layout by hand so every failure gets a message that says what is wrong."""
     if len(data) == 0:
@@ -315,7 +440,8 @@ def _parse_header(data: bytes, path: Path, what: str) -> dict[str, Any]:
         if _looks_like_pickle(data):
             raise CheckpointError(
                 f"{path} is a PyTorch pickle (.pth/.pt), not a slim {what}; slim never unpickles files: "
-                f"convert it with slimcli.checkpoint.import_pth (torch.load(weights_only=True))"
+                f"convert it with 'slim import' (network-slimming reference checkpoints) or "
+                f"slimcli.checkpoint.import_pth (torch.load(weights_only=True))"
             )
         raise CheckpointError(f"{path} is not a safetensors file; pass a checkpoint written by slim")
     if len(data) < 8 + n:
@@ -329,9 +455,11 @@ def _parse_header(data: bytes, path: Path, what: str) -> dict[str, Any]:
         end = 0
         for name, entry in header.items():
             if name == "__metadata__":
+                _check_raw_metadata(entry)
                 continue
-            end = max(end, int(entry["data_offsets"][1]))
-    except (ValueError, KeyError, TypeError, IndexError, OverflowError, UnicodeDecodeError) as exc:
+            end = max(end, _entry_end(name, entry))
+    except (ValueError, KeyError, TypeError, IndexError, OverflowError, UnicodeDecodeError,
+            RecursionError) as exc:
         raise CheckpointError(
             f"{path} is corrupt (unreadable header: {exc}); re-create or re-copy it"
         ) from None
@@ -401,6 +529,11 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         raise CheckpointError(
             f"{p} lacks slim.{', slim.'.join(missing)} metadata, so it cannot be rebuilt; re-create it"
         )
+    try:
+        validate_meta(meta)
+    except CheckpointError as exc:
+        fix = "re-create the file or fix the field"
+        raise CheckpointError(f"{p} has invalid metadata: {exc}; {fix}") from None
     return Checkpoint(p, tensors, meta, sha)
 
 
@@ -434,22 +567,51 @@ def load_state(
 # --------------------------------------------------------------------------------------
 # importing foreign weights
 # --------------------------------------------------------------------------------------
+def _refusal(exc: BaseException) -> str:
+    """What ``torch.load(weights_only=True)`` objected to, in a few words (not its whole essay)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it holds a pickled {found[1]} object, which weights_only loading refuses"
+    found = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+    if found:
+        return found[1].strip().rstrip(".")
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return first.rstrip(".")
+
+
+def read_pth(path: str | os.PathLike[str]) -> Any:
+    """The object a ``torch.save`` file holds, read with ``torch.load(weights_only=True)`` only.
+
+    Both the zip layout (PyTorch ≥ 1.6) and the legacy one are read; tensors land on the CPU.
+    Only tensors, containers and plain Python values come back: a file holding pickled
+    objects (a whole ``nn.Module``, numpy scalars, custom classes) is a :class:`CheckpointError`
+    naming what it holds.
+    """
+    p = Path(path)
+    _check_path(p, ".pth file")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{p} is empty, not a .pth file (an interrupted copy?); use another file")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, zip errors, EOF: all mean "not a plain weights file"
+        raise CheckpointError(
+            f"cannot import {p} as plain weights ({_refusal(exc)}); slim reads .pth files with "
+            f"torch.load(weights_only=True) only: re-save the weights with "
+            f"torch.save({{'state_dict': model.state_dict()}}, ...)"
+        ) from None
+
+
 def import_pth(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     """The tensors of a foreign ``.pth`` state dict, read with ``torch.load(weights_only=True)`` only.
 
     Accepts a bare state dict or one nested under ``state_dict`` / ``model``; strips the
     ``module.`` prefix that DataParallel adds. Files holding pickled objects are refused.
+    Checkpoints of the network-slimming reference code (other key names, channel-selection
+    ``indexes``) go through ``slim import`` (:func:`slimcli.flows.importref.import_reference`).
     """
     p = Path(path)
-    _check_path(p, ".pth file")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError, zip errors, EOF: all mean "not a plain weights file"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"cannot import {p} as plain weights ({first}); only state dicts of tensors are accepted, "
-            f"re-save it with torch.save(model.state_dict(), ...)"
-        ) from None
+    obj = read_pth(p)
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -472,6 +634,8 @@ __all__ = [
     "lineage_entry",
     "load_checkpoint",
     "load_state",
+    "read_pth",
     "save_checkpoint",
     "state_path",
+    "validate_meta",
 ]
