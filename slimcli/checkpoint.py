@@ -14,6 +14,7 @@ Nothing here ever unpickles: safetensors holds raw tensor bytes, and importing a
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -21,6 +22,7 @@ import math
 import os
 import re
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from safetensors.torch import save as _st_save
 from torch import Tensor, nn
 
 from slimcli._cmdline import command_line
-from slimcli._fs import atomic_write_bytes
+from slimcli._fs import atomic_write_bytes, temp_path
 from slimcli._version import __version__
 from slimcli.errors import CheckpointError
 
@@ -97,6 +99,16 @@ def state_path(path: str | os.PathLike[str]) -> Path:
         return p
     stem = p.name[: -len(".safetensors")] if p.name.endswith(".safetensors") else p.name
     return p.with_name(stem + STATE_SUFFIX)
+
+
+def previous_state_path(path: str | os.PathLike[str]) -> Path:
+    """Where the previous training state is kept: ``last.safetensors`` → ``last.prev.state.safetensors``.
+
+    It matches the model file until the next model write lands, so a crash between the state
+    write and the model write leaves a pair that :func:`load_state` can still resume from.
+    """
+    p = state_path(path)
+    return p.with_name(p.name[: -len(STATE_SUFFIX)] + ".prev" + STATE_SUFFIX)
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -239,8 +251,10 @@ def save_checkpoint(
     """Atomically write a checkpoint (and its training state when ``state`` is given).
 
     ``meta`` keys are stored with the ``slim.`` prefix; ``format`` and ``version`` are filled
-    in. The state file is written first and records the model file's sha256, so a crash
-    between the two writes leaves a pair that :func:`load_state` reports as mismatched.
+    in. The state file is written first and records the model file's sha256; the state it
+    replaces is kept as :func:`previous_state_path` (when it fits the current model file), so a
+    crash between the two writes leaves the previous good pair, which :func:`load_state` falls
+    back to.
     Returns the sha256 of the written model file.
     """
     path = Path(path)
@@ -253,6 +267,7 @@ def save_checkpoint(
     data = _with_data_checksum(tensors, header)
     sha = hashlib.sha256(data).hexdigest()
     if state is not None:
+        _keep_previous_state(path)
         smeta = _encode_meta(state_meta or {})
         smeta[PREFIX + "format"] = str(FORMAT_VERSION)
         smeta[PREFIX + "version"] = __version__
@@ -260,6 +275,43 @@ def save_checkpoint(
         _atomic_write(state_path(path), _with_data_checksum(_plain_tensors(state, "training state"), smeta))
     _atomic_write(path, data)
     return sha
+
+
+def _recorded_model_sha(state_file: Path) -> str | None:
+    """The ``slim.model_sha256`` in a state file's header (read without loading its tensors)."""
+    try:
+        with open(state_file, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            if not 2 <= n <= _MAX_HEADER:
+                return None
+            meta = json.loads(f.read(n).decode("utf-8")).get("__metadata__") or {}
+        value = meta.get(PREFIX + "model_sha256")
+        return value if isinstance(value, str) else None
+    except (OSError, ValueError, AttributeError, UnicodeDecodeError):
+        return None
+
+
+def _keep_previous_state(path: Path) -> None:
+    """Before a new state is written, keep the current one as the previous state when it belongs
+    to the current model file (a hard link, or a copy where links are not possible)."""
+    sp, prev = state_path(path), previous_state_path(path)
+    if not (sp.is_file() and path.is_file()) or _recorded_model_sha(sp) != file_sha256(path):
+        return  # no pair yet, or a mismatched one: the previous state (if any) is the good one
+    link = temp_path(prev)
+    try:
+        os.link(sp, link)
+        os.replace(link, prev)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(link)
+        try:
+            atomic_write_bytes(prev, sp.read_bytes())
+        except OSError as exc:
+            raise CheckpointError(
+                f"could not keep the previous training state as {prev}: {exc.strerror or exc}; "
+                f"nothing was changed (free disk space or choose another --out)"
+            ) from None
 
 
 def _data_section(data: bytes) -> bytes:
@@ -552,15 +604,26 @@ def load_state(
     if p.name.endswith(STATE_SUFFIX):
         model_path = p.with_name(p.name[: -len(STATE_SUFFIX)] + ".safetensors")
     sp = state_path(p)
-    tensors, meta, _ = _read_safetensors(sp, "training state", map_location)
-    expected = meta.get("model_sha256")
-    if model_sha256 is not None or model_path.is_file():
-        actual = model_sha256 or file_sha256(model_path)
-        if expected != actual:
+    actual = model_sha256 or (file_sha256(model_path) if model_path.is_file() else None)
+    try:
+        tensors, meta, _ = _read_safetensors(sp, "training state", map_location)
+        if actual is not None and meta.get("model_sha256") != actual:
             raise CheckpointError(
                 f"{sp} belongs to a different checkpoint than {model_path} (an interrupted save?); "
                 f"resume from another checkpoint or start the run again"
             )
+    except CheckpointError as exc:
+        prev = previous_state_path(model_path)
+        if actual is None or not prev.is_file():
+            raise
+        try:
+            tensors, meta, _ = _read_safetensors(prev, "training state", map_location)
+        except CheckpointError:
+            raise exc from None
+        if meta.get("model_sha256") != actual:
+            raise exc from None
+        warnings.warn(f"slim: {sp.name} does not fit {model_path.name} (a save was interrupted); "
+                      f"using the previous state {prev.name}, which does", stacklevel=2)
     return tensors, meta
 
 
@@ -634,6 +697,7 @@ __all__ = [
     "lineage_entry",
     "load_checkpoint",
     "load_state",
+    "previous_state_path",
     "read_pth",
     "save_checkpoint",
     "state_path",
