@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -151,4 +151,29 @@ def onnx_latency_ms(
     return statistics.median(times) * 1e3
 
 
-__all__ = ["LayerCost", "Measurement", "count_params", "human", "measure", "onnx_latency_ms"]
+def interleaved_medians(
+    fns: Mapping[str, Callable[[], object]], runs: int = 20, warmup: int = 3
+) -> dict[str, float]:
+    """Median wall time in ms of each of ``fns``, timed interleaved: run 1 of every function, then
+    run 2 of every function, and so on (after ``warmup`` untimed rounds).
+
+    On a shared machine the load changes from second to second; interleaving gives every
+    function the same conditions, so the *ratios* of the medians are what to compare.
+    """
+    if runs < 1:
+        raise UsageError(f"runs must be >= 1, got {runs}")
+    for _ in range(max(0, warmup)):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+
+
+__all__ = [
+    "LayerCost", "Measurement", "count_params", "human", "interleaved_medians", "measure", "onnx_latency_ms",
+]
