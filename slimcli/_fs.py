@@ -9,6 +9,7 @@ half-written one. These helpers raise plain :class:`OSError`; each caller turns 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 from collections.abc import Iterator
@@ -66,3 +67,33 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             _write_all(f, data)
             f.flush()
             os.fsync(f.fileno())
+
+
+#: bytes the writability probe writes: a full disk refuses even this much, an empty file it may not
+PROBE_BYTES = 4096
+
+
+def probe_writable(folder: Path, needed: int = 0) -> None:
+    """Raise :class:`OSError` unless a file can be written in ``folder`` (an existing folder).
+
+    Writes and removes :data:`PROBE_BYTES` in a hidden temporary file, which catches read-only
+    mounts, missing permissions and a full disk before any work starts. With ``needed`` > 0 the
+    free space (``statvfs``, where the platform has it) must be at least that many bytes too.
+    """
+    tmp = temp_path(folder / "write-probe")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+    try:
+        try:
+            os.write(fd, b"\0" * PROBE_BYTES)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    if needed > 0 and hasattr(os, "statvfs"):
+        st = os.statvfs(folder)
+        free = st.f_bavail * st.f_frsize
+        if free < needed:
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free / 1e6:.1f} MB free, "
+                                        f"about {needed / 1e6:.1f} MB needed)")

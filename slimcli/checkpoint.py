@@ -34,7 +34,7 @@ from safetensors.torch import save as _st_save
 from torch import Tensor, nn
 
 from slimcli._cmdline import command_line
-from slimcli._fs import atomic_write_bytes, temp_path
+from slimcli._fs import atomic_write_bytes, probe_writable, temp_path
 from slimcli._version import __version__
 from slimcli.errors import CheckpointError
 
@@ -218,20 +218,38 @@ def _check_meta(meta: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------
 # writing
 # --------------------------------------------------------------------------------------
-def ensure_folder(folder: Path) -> None:
-    """Create ``folder`` (and parents) or raise a :class:`CheckpointError` that says why."""
+def ensure_folder(folder: Path, *, needed: int = 0, option: str = "--out", create: bool = True) -> None:
+    """Make sure files can be written in ``folder``, or raise a :class:`CheckpointError` that says why.
+
+    Creates the folder (and parents) unless ``create`` is false (then a missing folder is the
+    error), and writes a small probe file (:func:`slimcli._fs.probe_writable`), so a read-only
+    mount, missing permission or full disk (``needed`` bytes free) is reported before any work.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"cannot write into {folder}: it is a file, not a folder; "
+                              f"choose another {option}")
+    if not create and not folder.is_dir():
+        raise CheckpointError(f"folder {folder} does not exist; create it (mkdir -p {folder}) or choose "
+                              f"another {option}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CheckpointError(
-            f"cannot create folder {folder}: {exc.strerror or exc}; choose another --out"
+            f"cannot create folder {folder}: {exc.strerror or exc}; choose another {option}"
+        ) from None
+    try:
+        probe_writable(folder, needed)
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot write to folder {folder}: {exc.strerror or exc}; free space, fix its permissions "
+            f"or choose another {option}"
         ) from None
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
-    ensure_folder(path.parent)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, data)
     except OSError as exc:
         raise CheckpointError(

@@ -94,8 +94,9 @@ def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # files and metadata
 # ---------------------------------------------------------------------------------------
 def test_run_dir_files_metrics_and_metadata(straight: Path) -> None:
-    assert {p.name for p in straight.iterdir()} == {
-        "best.safetensors", "last.safetensors", "last.state.safetensors", "metrics.jsonl"}
+    assert {p.name for p in straight.iterdir()} == {  # .prev.state: the previous epoch's
+        "best.safetensors", "last.safetensors", "last.state.safetensors", "last.prev.state.safetensors",
+        "metrics.jsonl"}
     rows = metrics(straight)
     assert [r["epoch"] for r in rows] == [1, 2]
     assert set(rows[0]) == {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "penalty",

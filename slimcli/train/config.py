@@ -51,6 +51,8 @@ class TrainConfig:
     out: str | None = None
     resume: str | None = None
     quiet: bool = False
+    #: start a new run in an ``out`` folder that already holds one, replacing its files
+    force: bool = False
     stage: str = "sparsify"
     parent: str | None = None
     #: the command line recorded in the checkpoint lineage (defaults to this process's argv)
@@ -70,6 +72,9 @@ class TrainConfig:
             raise UsageError(f"--threads must be >= 0 (0 = pick automatically), got {self.threads}")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.momentum < 1:
+            raise UsageError(f"--momentum must be in [0, 1) (SGD diverges at 1 and above; 0.9 is usual), "
+                             f"got {self.momentum}")
         for name in ("lr", "lam", "momentum", "weight_decay"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):

@@ -34,6 +34,7 @@ from slimcli.train.state import (
     LoopState,
     append_metrics,
     catch_stop_signals,
+    clear_run_dir,
     pack_state,
     read_metrics,
     truncate_metrics,
@@ -108,6 +109,21 @@ def _check_finite(loss_sum: float, epoch: int, step: int, run_dir: Path, done: i
         )
 
 
+def _check_finite_eval(test_loss: float, test_acc: float, model: torch.nn.Module, epoch: int, run_dir: Path,
+                       done: int) -> None:
+    """A diverged model (non-finite test loss or weights) stops the run and is never saved (nor "best")."""
+    weights_ok = all(bool(torch.isfinite(t).all())
+                     for t in model.state_dict().values() if t.is_floating_point())
+    if math.isfinite(test_loss) and math.isfinite(test_acc) and weights_ok:
+        return
+    kept = f"{run_dir / LAST} (epoch {done}) is kept" if done else "no checkpoint was written"
+    what = f"the test loss became {test_loss}" if weights_ok else "the weights became non-finite"
+    raise TrainingError(
+        f"the run diverged: {what} after epoch {epoch}; stopped, {kept}, and the diverged model was "
+        f"not saved. Start again with a lower --lr or --lam (or --amp bf16/off instead of fp16)"
+    )
+
+
 def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     """Run (or resume) the training described by ``config``; see :class:`TrainConfig`."""
     reporter = reporter or Reporter()
@@ -132,6 +148,8 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     if run.resume is not None:
         loop = unpack_state(*run.resume, optimizer, scheduler, scaler, generators)
     run.run_dir.mkdir(parents=True, exist_ok=True)
+    if run.resume is None and cfg.force:
+        clear_run_dir(run.run_dir)  # --force: the earlier run's files go (checked in prepare)
     truncate_metrics(run.run_dir, loop.epoch)  # lines past the saved epoch are replayed, not doubled
     net = torch.compile(model) if cfg.compile else model
     amp_dtype = run.precision.dtype
@@ -160,7 +178,8 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
             torch.set_num_threads(cfg.threads)
         else:
             idx = torch.arange(min(bs, n), device=device)
-            chosen, _ = pick_threads(model, normalize(x_train[idx]), y_train[idx], lambda: autocast)
+            chosen, _ = pick_threads(model, normalize(x_train[idx]), y_train[idx], lambda: autocast,
+                                     log=reporter.message)
             cfg = dataclasses.replace(cfg, threads=chosen)  # a resume keeps the count (same float sums)
         count = torch.get_num_threads()
         run.base_meta["train"]["threads"] = count
@@ -175,6 +194,7 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
                 reporter.message(f"resuming {run.run_dir} at epoch {loop.epoch + 1}, step {loop.step}")
             if cfg.epochs == 0 and run.resume is None:  # nothing to train: evaluate and record the model
                 test_loss, test_acc = evaluate_tensors(net, x_test, y_test, normalize, eval_bs, amp_dtype)
+                _check_finite_eval(test_loss, test_acc, model, 0, run.run_dir, 0)
                 metrics_meta[cfg.stage] = {"epoch": 0, "test_loss": test_loss, "test_acc": test_acc}
                 loop.best_acc = test_acc
                 save(best=True)
@@ -226,6 +246,7 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
                 scheduler.step()
                 t1 = time.perf_counter()
                 test_loss, test_acc = evaluate_tensors(net, x_test, y_test, normalize, eval_bs, amp_dtype)
+                _check_finite_eval(test_loss, test_acc, model, epoch, run.run_dir, loop.epoch)
                 frac2, frac4 = gamma_fractions(gammas)
                 with torch.no_grad():
                     pen = penalty.lam * float(penalty.value_many([g.detach() for g in gammas]))

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from slimcli.archs import create_arch
-from slimcli.checkpoint import lineage_entry, load_checkpoint, load_state
+from slimcli.checkpoint import ensure_folder, lineage_entry, load_checkpoint, load_state
 from slimcli.data import create_dataset
-from slimcli.errors import UsageError
+from slimcli.errors import CheckpointError, UsageError
 from slimcli.model import build_model
 from slimcli.penalties import Penalty, create_penalty
 from slimcli.registry import ARCHS, DATASETS
@@ -69,7 +69,12 @@ def _resumed_config(config: TrainConfig) -> tuple[TrainConfig, Path, Any, tuple[
         )
     ckpt = load_checkpoint(run_dir / LAST)
     tensors, smeta = load_state(run_dir / LAST, model_sha256=ckpt.sha256)  # no second read of the model
-    saved = TrainConfig.from_json(smeta["config"])
+    try:
+        saved = TrainConfig.from_json(smeta["config"])
+        saved.validate()
+    except (KeyError, TypeError, ValueError, AttributeError, UsageError) as exc:
+        raise CheckpointError(f"the training state in {run_dir} is damaged (its config: {exc}); it cannot "
+                              f"be resumed: start a new run from {run_dir / LAST} (slim finetune)") from None
     if saved.stage != config.stage:
         right = "finetune" if saved.stage == "finetuned" else "sparsify-train"
         raise UsageError(
@@ -133,7 +138,7 @@ def prepare(config: TrainConfig) -> Run:
         run_dir = Path(config.out) if config.out else config.default_out(
             source.meta["arch"] if source else config.arch, dataset.spec
         )
-        check_new_run_dir(run_dir, COMMANDS[config.stage])
+        check_new_run_dir(run_dir, COMMANDS[config.stage], force=config.force)
         parent_meta = parent.meta if parent is not None else {}
         lineage = [*(parent.lineage if parent else []),
                    lineage_entry(config.stage, parent.sha256 if parent else None, config.command)]
@@ -163,4 +168,7 @@ def prepare(config: TrainConfig) -> Run:
         "gamma_init": config.gamma_init if config.stage == "sparsify" else None,
         "seed": config.seed, "device": str(device), "amp": precision.name,
     }
+    # best, last, its state (≈ the weights again) and a temporary copy while one is written
+    needed = 5 * sum(t.nbytes for t in model.state_dict().values())
+    ensure_folder(run_dir, needed=needed, option="--resume" if resume is not None else "--out")
     return Run(config, run_dir, device, precision, channels_last, penalty, dataset, model, base_meta, resume)

@@ -9,6 +9,7 @@ pickle); small structured values travel as JSON metadata.
 from __future__ import annotations
 
 import json
+import math
 import signal
 import threading
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from slimcli.errors import UsageError
+from slimcli.errors import CheckpointError, TrainingError, UsageError
 
 LAST = "last.safetensors"
 BEST = "best.safetensors"
@@ -45,22 +46,47 @@ class LoopState:
 # ----------------------------------------------------------------------------------------
 # run directory
 # ----------------------------------------------------------------------------------------
-def check_new_run_dir(run_dir: Path, command: str) -> None:
-    """Refuse to start a new run where a run already left a checkpoint (it would be overwritten)."""
+#: what a run leaves in its folder (a new run with ``force`` removes them first)
+RUN_FILES = (LAST, "last.state.safetensors", "last.prev.state.safetensors", BEST, METRICS)
+
+
+def check_new_run_dir(run_dir: Path, command: str, force: bool = False) -> None:
+    """Refuse to start a new run where a run already left files (they would be overwritten),
+    unless ``force``: then :func:`clear_run_dir` removes them when the run starts."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir} is a file; choose a folder for the run")
-    if (run_dir / LAST).exists() or (run_dir / "last.state.safetensors").exists():
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if found and not force:
         raise UsageError(
-            f"{run_dir} already holds a run; continue it with 'slim {command} --resume {run_dir}' "
-            f"or choose another --out"
+            f"{run_dir} already holds a run ({', '.join(found)}); continue it with "
+            f"'slim {command} --resume {run_dir}', replace it with --force, or choose another --out"
         )
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Remove an earlier run's files (a new run started with ``force``)."""
+    for name in RUN_FILES:
+        try:
+            (run_dir / name).unlink(missing_ok=True)
+        except OSError as exc:
+            raise TrainingError(f"cannot replace {run_dir / name}: {exc.strerror or exc}; "
+                                f"remove it or choose another --out") from None
+
+
+def metrics_line(record: dict[str, Any]) -> str:
+    """One strict-JSON line (no NaN/Infinity tokens: a non-finite number is written as null)."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / METRICS
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"cannot read {path}: {exc}; fix or remove that file") from None
 
 
 def truncate_metrics(run_dir: Path, epochs: int) -> None:
@@ -68,15 +94,24 @@ def truncate_metrics(run_dir: Path, epochs: int) -> None:
     path = run_dir / METRICS
     if not path.exists():
         return
-    keep = [r for r in read_metrics(run_dir) if int(r.get("epoch", 0)) <= epochs]
+    keep = [r for r in read_metrics(run_dir)
+            if isinstance(r, dict) and isinstance(r.get("epoch", 0), int) and r.get("epoch", 0) <= epochs]
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    tmp.replace(path)
+    try:
+        tmp.write_text("".join(metrics_line(r) for r in keep))
+        tmp.replace(path)
+    except OSError as exc:
+        raise TrainingError(f"cannot write {path}: {exc.strerror or exc}; free disk space") from None
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
-    with open(run_dir / METRICS, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append one epoch's record to ``metrics.jsonl`` (strict JSON, see :func:`metrics_line`)."""
+    try:
+        with open(run_dir / METRICS, "a", encoding="utf-8") as f:
+            f.write(metrics_line(record))
+    except OSError as exc:
+        raise TrainingError(f"cannot write {run_dir / METRICS}: {exc.strerror or exc}; free disk space, "
+                            f"then resume with --resume {run_dir}") from None
 
 
 # ----------------------------------------------------------------------------------------
@@ -127,7 +162,29 @@ def unpack_state(
     scaler: torch.amp.GradScaler,
     generators: dict[str, torch.Generator],
 ) -> LoopState:
-    """Restore optimizer, scheduler, scaler and RNGs in place; return the loop counters."""
+    """Restore optimizer, scheduler, scaler and RNGs in place; return the loop counters.
+
+    A state that does not fit (a damaged or hand-edited file) is a :class:`CheckpointError`."""
+    try:
+        loop = _unpack(tensors, meta, optimizer, scheduler, scaler, generators)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
+        raise CheckpointError(f"the training state does not fit this run ({type(exc).__name__}: {exc}); "
+                              f"it cannot be resumed, start a new run from its last.safetensors") from None
+    counters = (loop.epoch, loop.step, loop.global_step)
+    if not all(isinstance(c, int) and c >= 0 for c in counters):
+        raise CheckpointError(f"the training state has invalid counters (epoch {loop.epoch!r}, step "
+                              f"{loop.step!r}); it cannot be resumed")
+    return loop
+
+
+def _unpack(
+    tensors: dict[str, Tensor],
+    meta: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    generators: dict[str, torch.Generator],
+) -> LoopState:
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
