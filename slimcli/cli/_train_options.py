@@ -7,6 +7,7 @@ Values are checked here (exit 2 with the option's name); :func:`run_training` bu
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -45,6 +46,12 @@ def _seed(value: int) -> int:
     return value
 
 
+def _momentum(value: float) -> float:
+    if not (math.isfinite(value) and 0 <= value < 1):
+        raise typer.BadParameter(f"must be in [0, 1) (SGD diverges at 1 and up; 0.9 is usual), got {value}")
+    return value
+
+
 def _milestones(value: str) -> str:
     # lazily: start-up cost, see docs/benchmarks.md (slimcli.train imports torch)
     from slimcli.train import TrainConfig
@@ -73,7 +80,7 @@ UpdateOpt = Annotated[Update, _opt("--update", help="subgradient: γ.grad += λ�
 EpochsOpt = Annotated[int, _opt("--epochs", help="Number of epochs.", min=0)]
 BatchOpt = Annotated[int, _opt("--batch-size", help="Images per step.", min=1)]
 LrOpt = Annotated[float, _opt("--lr", help="Initial SGD learning rate.", callback=positive)]
-MomentumOpt = Annotated[float, _opt("--momentum", help="SGD momentum.", callback=non_negative)]
+MomentumOpt = Annotated[float, _opt("--momentum", help="SGD momentum, in [0, 1).", callback=_momentum)]
 NesterovOpt = Annotated[bool, _opt("--nesterov/--no-nesterov", help="Nesterov momentum.")]
 WdOpt = Annotated[float, _opt("--weight-decay", help="L2 weight decay (also on γ, as in the paper).",
                               callback=non_negative)]
@@ -96,6 +103,8 @@ OutOpt = Annotated[Path | None, _opt("--out", show_default=False,
                                      help="Run folder [default: runs/<arch>-<dataset>-<penalty>-<time>].")]
 ResumeOpt = Annotated[Path | None, _opt("--resume", help="Continue the run in this folder exactly where it "
                                         "stopped (its saved options are used).")]
+ForceOpt = Annotated[bool, _opt("--force", help="Start a new run in an --out folder that holds one, "
+                                "replacing its files.")]
 QuietOpt = Annotated[bool, _opt("--quiet", "-q", help="No live progress bar; one line per epoch on stderr.")]
 
 #: options that may accompany --resume (where to run, not what to run)

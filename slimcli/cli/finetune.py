@@ -41,6 +41,7 @@ def finetune(
     out: o.OutOpt = None,
     resume: o.ResumeOpt = None,
     quiet: o.QuietOpt = False,
+    force: o.ForceOpt = False,
 ) -> None:
     """Fine-tune a checkpoint (no penalty by default; same options as sparsify-train).
 
@@ -61,7 +62,7 @@ def finetune(
         milestones=parse_milestones(milestones), gamma_init=None, seed=seed, device=device,
         amp=amp.value, channels_last=channels_last, compile=compile, threads=threads,
         data_dir=str(data_dir) if data_dir else None, out=str(out) if out else None,
-        resume=str(resume) if resume else None, quiet=quiet, stage="finetuned",
+        resume=str(resume) if resume else None, quiet=quiet, force=force, stage="finetuned",
         parent=str(ckpt) if ckpt else None,
     )
     o.run_training(config)

@@ -34,6 +34,7 @@ def sparsify_train(
     out: o.OutOpt = None,
     resume: o.ResumeOpt = None,
     quiet: o.QuietOpt = False,
+    force: o.ForceOpt = False,
 ) -> None:
     """Train with a sparsity penalty on BN scales (the paper's protocol by default).
 
@@ -51,6 +52,6 @@ def sparsify_train(
         milestones=parse_milestones(milestones), gamma_init=gamma_init, seed=seed, device=device,
         amp=amp.value, channels_last=channels_last, compile=compile, threads=threads,
         data_dir=str(data_dir) if data_dir else None, out=str(out) if out else None,
-        resume=str(resume) if resume else None, quiet=quiet, stage="sparsify",
+        resume=str(resume) if resume else None, quiet=quiet, force=force, stage="sparsify",
     )
     o.run_training(config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -66,5 +67,9 @@ def resolve_amp(text: str, device: torch.device) -> Precision:
             raise TrainingError(f"--amp bf16: {name} has no bf16; use --amp fp16")
         return Precision("bf16", torch.bfloat16, False)
     if text == "fp16":
+        if device.type == "cpu":
+            warnings.warn("slim: --amp fp16 on the CPU runs several times slower than fp32 (CPUs have few "
+                          "fast fp16 kernels, and fp16 needs loss scaling); use --amp off (the CPU default), "
+                          "or --amp bf16 on a CPU with bf16 support", stacklevel=2)
         return Precision("fp16", torch.float16, True)
     raise UsageError(f"--amp must be auto, off, bf16 or fp16, got {text!r}")
