@@ -9,7 +9,11 @@ come from the entry-point groups ``slim.penalties``, ``slim.archs``, ``slim.data
 decorator and the same loader (:func:`load_plugin`), so a built-in is registered exactly
 like a plugin someone else wrote, and a plugin that fails half-way registers nothing.
 
-Spec strings name a plugin with options: ``NAME[:key=value[,key=value…]]``.
+Spec strings name a plugin with options: ``NAME[:key=value[,key=value…]]``. A plugin that
+declares ``positional = "OPTION"`` also takes that option's value without its key, right after
+the name: ``NAME:VALUE[:key=value,…]`` (``timm:resnet18:drop_rate=0.1``). A registry built
+with a ``file_loader`` (the architectures) also reads ``PATH.py:OBJECT[:key=value,…]``: an
+object defined in a Python file (see :func:`file_spec_parts`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import functools
 import importlib
 import importlib.util
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -145,10 +150,34 @@ class Spec:
     info: PluginInfo
 
     def __str__(self) -> str:
-        """Canonical form: every option that differs from its default, in declared order."""
+        """Canonical form: the positional value (if any), then every option that differs from its
+        default, in declared order."""
         defaults = {o.name: o.default for o in self.info.options}
-        parts = [f"{k}={_fmt(v)}" for k, v in self.options.items() if defaults.get(k) != v]
-        return self.name + (":" + ",".join(parts) if parts else "")
+        positional = getattr(self.info.cls, "positional", None)
+        head = self.name
+        if positional and self.options.get(positional) is not None:
+            head += ":" + _fmt(self.options[positional])
+        parts = [f"{k}={_fmt(v)}" for k, v in self.options.items()
+                 if defaults.get(k) != v and not (k == positional and head != self.name)]
+        return head + (":" + ",".join(parts) if parts else "")
+
+
+#: ``PATH.py[:OBJECT[:key=value,…]]``; the path ends at the first ``.py`` followed by ``:`` or the end.
+_FILE_SPEC = re.compile(r"^(?P<path>.+?\.py)(?=:|$)(?::(?P<object>[^:]*))?(?::(?P<rest>.*))?$", re.DOTALL)
+
+
+def file_spec_parts(spec: str) -> tuple[str, str, str] | None:
+    """``(path, object, options)`` of a file spec ``PATH.py:OBJECT[:key=value,…]``, or ``None``
+    when ``spec`` names a registered plugin instead (``object``/``options`` may be empty)."""
+    m = _FILE_SPEC.match(spec.strip()) if isinstance(spec, str) else None
+    if m is None:
+        return None
+    return m["path"].strip(), (m["object"] or "").strip(), m["rest"] or ""
+
+
+def is_file_spec(spec: str) -> bool:
+    """Whether ``spec`` names an object in a Python file rather than a registered plugin."""
+    return file_spec_parts(spec) is not None
 
 
 def _fmt(value: Any) -> str:
@@ -160,10 +189,13 @@ def _fmt(value: Any) -> str:
 class Registry:
     """A name → plugin-class table with spec-string parsing and validation."""
 
-    def __init__(self, kind: str, group: str, package: str) -> None:
+    def __init__(self, kind: str, group: str, package: str, file_loader: str | None = None) -> None:
         self.kind = kind  # "penalty", "arch", "dataset"
         self.group = group  # entry-point group
         self.package = package  # package of the built-ins (names the source of runtime registrations)
+        # "module:function" reading file specs: function(path, object) -> (PluginInfo, preset
+        # option values); imported on first use (it sits in a layer above this module)
+        self.file_loader = file_loader
         self._plugins: dict[str, PluginInfo] = {}
         self._aliases: dict[str, tuple[str, dict[str, Any]]] = {}
         # What is being imported right now (names the source in listings and errors); None
@@ -248,11 +280,28 @@ class Registry:
             spec = str(spec)
         if not isinstance(spec, str) or not spec.strip():
             raise UsageError(f"empty {self.kind} spec; expected NAME[:key=value,…]")
-        name, _, rest = spec.strip().partition(":")
-        name = name.strip()
-        info = self.get(name)
-        raw: dict[str, Any] = dict(self._aliases[name][1]) if name in self._aliases else {}
         given: set[str] = set()  # keys from the string itself (they may override an alias preset)
+        file_parts = file_spec_parts(spec)
+        if file_parts is not None:
+            if self.file_loader is None:
+                raise UsageError(f"a {self.kind} cannot be read from a Python file spec ({spec.strip()!r}); "
+                                 f"register it as a plugin (SLIM_PLUGINS=FILE) and name it")
+            module, _, function = self.file_loader.partition(":")
+            info, preset = getattr(importlib.import_module(module), function)(*file_parts[:2])
+            raw: dict[str, Any] = dict(preset)
+            rest = file_parts[2]
+        else:
+            name, _, rest = spec.strip().partition(":")
+            name = name.strip()
+            info = self.get(name)
+            raw = dict(self._aliases[name][1]) if name in self._aliases else {}
+            positional = getattr(info.cls, "positional", None)
+            head, _, tail = rest.partition(":")
+            if positional and "=" not in head:  # NAME:VALUE[:key=value,…]
+                if head.strip():
+                    raw[positional] = head.strip()
+                    given.add(positional)
+                rest = tail
         if rest.strip():
             for item in rest.split(","):
                 key, eq, value = item.partition("=")
@@ -301,7 +350,7 @@ class Registry:
 
 
 PENALTIES = Registry("penalty", "slim.penalties", "slimcli.penalties")
-ARCHS = Registry("arch", "slim.archs", "slimcli.archs")
+ARCHS = Registry("arch", "slim.archs", "slimcli.archs", file_loader="slimcli.archs.userfile:load_file_arch")
 DATASETS = Registry("dataset", "slim.datasets", "slimcli.data")
 REGISTRIES = {"penalties": PENALTIES, "archs": ARCHS, "datasets": DATASETS}
 
@@ -323,6 +372,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "slimcli.archs.resnet164",
     "slimcli.archs.densenet40",
     "slimcli.archs.resnet56",
+    "slimcli.archs.resnet50",
+    "slimcli.archs.mobilenetv2",
     "slimcli.data.cifar",
     "slimcli.data.mnist",
     "slimcli.data.fashion_mini",
