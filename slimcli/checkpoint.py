@@ -607,6 +607,17 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     return Checkpoint(p, tensors, meta, sha)
 
 
+def check_finite(ckpt: Checkpoint, what: str = "use") -> None:
+    """Refuse a checkpoint whose weights hold NaN or infinity (a diverged run) with one clear error."""
+    for name, t in ckpt.tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(
+                f"{ckpt.path} holds non-finite weights ({name} has NaN or infinity: a diverged run?), "
+                f"which slim cannot {what}; take an earlier checkpoint of the run, or train again with a "
+                f"lower --lr"
+            )
+
+
 def load_state(
     path: str | os.PathLike[str], map_location: str | torch.device = "cpu", *, model_sha256: str | None = None
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -710,6 +721,7 @@ __all__ = [
     "FORMAT_VERSION",
     "STAGES",
     "Checkpoint",
+    "check_finite",
     "file_sha256",
     "import_pth",
     "lineage_entry",

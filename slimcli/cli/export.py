@@ -81,13 +81,21 @@ def export(
         1e-4, "--tolerance", callback=positive, help="Max |ort − torch| / max(1, max|torch|)."
     ),
     latency_runs: int = typer.Option(50, "--latency-runs", min=0, help="Timed batch-1 runs (0: skip)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT.onnx if it exists."),
 ) -> None:
     """Export a checkpoint to one ONNX file (dynamic batch, metadata), checked against PyTorch."""
     # lazily: start-up cost, see docs/benchmarks.md (these import torch)
-    from slimcli.checkpoint import load_checkpoint
-    from slimcli.export import export_checkpoint
+    from slimcli.checkpoint import check_finite, ensure_folder, load_checkpoint
+    from slimcli.errors import UsageError
+    from slimcli.export import check_onnx_destination, export_checkpoint
 
+    if onnx_out.exists() and not onnx_out.is_dir() and not force:
+        raise UsageError(f"{onnx_out} already exists; pass --force to replace it, or choose another OUT.onnx")
+    check_onnx_destination(onnx_out)  # the folder must exist and be writable: checked before any work
+    ensure_folder(onnx_out.parent, needed=ckpt.stat().st_size if ckpt.is_file() else 0, create=False,
+                  option="OUT.onnx")
     checkpoint = load_checkpoint(ckpt)
+    check_finite(checkpoint, "export")
     err.print(f"exporting {ckpt} ({checkpoint.meta.get('arch')}, stage {checkpoint.stage or '?'}) …")
     report = export_checkpoint(
         checkpoint,

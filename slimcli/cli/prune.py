@@ -190,6 +190,8 @@ def prune(
         help="Device for --eval and --recalibrate: auto (CUDA if present), cpu, cuda[:N].")] = "auto",
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the result as one JSON document on stdout (nothing else).")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace an existing --out checkpoint or --export file.")] = False,
 ) -> None:
     """Prune channels by a global |γ| rule and write a slim checkpoint (stage "pruned").
 
@@ -216,7 +218,7 @@ def prune(
     result = prune_checkpoint(
         ckpt, rule, value, min_channels, out_path, eval=eval_, export=export,
         data_dir=data_dir, device=device, fold_shift=fold_shift, recalibrate=recalibrate, seed=seed,
-        log=lambda msg: err.print(msg, markup=False, highlight=False),
+        force=force, log=lambda msg: err.print(msg, markup=False, highlight=False),
     )
     if as_json:
         typer.echo(json.dumps(result.as_dict(), ensure_ascii=False))

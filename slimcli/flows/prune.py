@@ -29,13 +29,14 @@ from slimcli._fs import atomic_target
 from slimcli.checkpoint import (
     STATE_SUFFIX,
     Checkpoint,
+    check_finite,
     ensure_folder,
     lineage_entry,
     load_checkpoint,
     save_checkpoint,
 )
 from slimcli.data import create_dataset
-from slimcli.errors import CheckpointError, DataError, UsageError
+from slimcli.errors import CheckpointError, DataError, PruneError, UsageError
 from slimcli.export import ExportReport, check_onnx_destination, export_checkpoint, latest_accuracy
 from slimcli.measure import Measurement, measure
 from slimcli.model import CALIBRATION_BATCH, build_model, calibration_images, evaluate, normalization_of
@@ -133,7 +134,7 @@ def newest_checkpoint(root: str | os.PathLike[str] = "runs") -> Path:
     return best if newest.name == "last" + SUFFIX and best.is_file() else newest
 
 
-def _check_out(source: Path, out: Path) -> None:
+def _check_out(source: Path, out: Path, force: bool = False) -> None:
     if not out.name.endswith(SUFFIX) or out.name.endswith(STATE_SUFFIX):
         raise UsageError(f"--out must be a checkpoint file ending in {SUFFIX} (not {STATE_SUFFIX}), "
                          f"got {out}; e.g. {default_out(source)}")
@@ -146,6 +147,9 @@ def _check_out(source: Path, out: Path) -> None:
     if same:
         raise UsageError(f"--out {out} is the input checkpoint; pruning never overwrites its input, "
                          f"choose another file (default: {default_out(source)})")
+    if out.exists() and not force:
+        raise UsageError(f"{out} already exists (an earlier prune?); pass --force to replace it, or choose "
+                         f"another --out")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,6 +211,10 @@ def prune_loaded(
         raise UsageError(f"recalibrate must be an integer >= 0 (images; 0 = off), got {recalibrate!r}")
     shape = ckpt.input_shape
     plan = compute_keep(model, rule, value, min_channels, input_shape=shape)
+    widest = max((m.numel() for m in plan.masks.values()), default=0)
+    if widest and min_channels >= widest:
+        raise PruneError(f"--min-channels {min_channels} keeps every channel: the widest prunable layer has "
+                         f"{widest}, so nothing would be pruned; use fewer than {widest} (default 1)")
     slim, report = prune_model(model, plan, input_shape=shape, fold_shift=fold_shift)
     slim.eval()
     before, after = dense or measure(model, shape), measure(slim, shape)
@@ -304,6 +312,7 @@ def prune_checkpoint(
     fold_shift: bool = False,
     recalibrate: int = 0,
     seed: int = 0,
+    force: bool = False,
 ) -> PruneResult:
     """Prune the checkpoint at ``ckpt_path`` under ``rule`` and write the slim checkpoint.
 
@@ -318,19 +327,26 @@ def prune_checkpoint(
     the next layers (:mod:`slimcli.prune.fold`) instead of dropping them; ``recalibrate``
     re-estimates BatchNorm statistics on that many training images (``seed`` draws them;
     ``slim prune`` passes :data:`DEFAULT_RECALIBRATION`, the library default is off). The
-    input checkpoint is only read.
+    input checkpoint is only read; an existing ``out`` or ``export`` file is replaced only with
+    ``force``, and their folders must exist (checked writable before any work).
     """
     say = log or (lambda _msg: None)
     value = check_rule(rule, value)  # a ratio strictly in (0, 1): 0 would prune nothing
     check_min_channels(min_channels)
     source = Path(ckpt_path)
     target = Path(out) if out is not None else default_out(source)
-    _check_out(source, target)
+    _check_out(source, target, force)
     onnx_path = Path(export) if export is not None else None
     if onnx_path is not None:
+        if onnx_path.exists() and not onnx_path.is_dir() and not force:
+            raise UsageError(f"{onnx_path} already exists; pass --force to replace it, or choose "
+                             f"another --export")
         check_onnx_destination(onnx_path)
+    size = source.stat().st_size if source.is_file() else 0
+    ensure_folder(target.parent, needed=size, create=False)  # the same rule as --export's folder
 
     ckpt = load_checkpoint(source)
+    check_finite(ckpt, "prune")
     model = build_model(ckpt)
     if eval and not ckpt.meta.get("dataset"):
         raise DataError(f"{source} records no dataset, so --eval cannot know what to test on; drop --eval")
