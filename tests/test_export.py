@@ -387,7 +387,13 @@ def test_metadata_props_present_and_parse(tmp_path: Path) -> None:
     export_onnx(MODELS["convnet"](), tmp_path / "m.onnx", input_shape=SHAPE, metadata=props, **FAST)
     proto = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
     stored = {p.key: p.value for p in proto.metadata_props}
-    assert stored == props
+    # export_onnx adds what it measured on the exported model itself: params, MACs, the target
+    assert stored == {**props, "slim.params": stored["slim.params"], "slim.macs": stored["slim.macs"],
+                      "slim.target": "generic"}
+    from slimcli.measure import measure
+
+    cost = measure(MODELS["convnet"](), SHAPE)
+    assert (int(stored["slim.params"]), int(stored["slim.macs"])) == (cost.params, cost.macs)
     # what an application on the device sees
     seen = ort.InferenceSession(str(tmp_path / "m.onnx")).get_modelmeta().custom_metadata_map
     assert seen["slim.arch"] == "resnet164:depth=11"

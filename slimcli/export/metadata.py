@@ -8,22 +8,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from slimcli._fs import atomic_write_bytes
 from slimcli._version import __version__
 from slimcli.checkpoint import STAGES, Checkpoint
 from slimcli.data import create_dataset, no_downloads
 from slimcli.errors import DataError, ExportError, SlimError, UsageError
+from slimcli.export.int8 import QUANTIZATION, Int8Report, compare_int8, int8_path, quantize_int8, set_metadata
 from slimcli.export.onnx import ExportReport, export_onnx
-from slimcli.model import Normalizer, build_model, normalization_of
+from slimcli.export.verify import require_onnx
+from slimcli.model import Normalizer, build_model, calibration_images, normalization_of
 
 #: How many test images ``slim export`` / ``prune --export`` compare on.
 REAL_SAMPLES = 16
+#: Training images ``--int8`` calibrates on by default.
+DEFAULT_CALIBRATION = 256
 _META_PREFIX = "slim."
 
 
@@ -58,6 +63,37 @@ def latest_accuracy(meta: Mapping[str, Any]) -> float | None:
     return None
 
 
+def measured_accuracy(meta: Mapping[str, Any]) -> tuple[float | None, tuple[str, float] | None]:
+    """``(accuracy of this model, (stage, accuracy) of the latest *other* stage)``.
+
+    The first is the test accuracy recorded for the checkpoint's own stage (None when this
+    model was never evaluated, e.g. pruned without ``--eval``); the second is the most recent
+    other stage's, e.g. the dense parent's — a different model's number, never to be passed off
+    as this one's.
+    """
+    metrics = meta.get("metrics")
+    if not isinstance(metrics, Mapping):
+        return None, None
+    stage = meta.get("stage")
+
+    def acc(entry: Any) -> float | None:
+        if isinstance(entry, Mapping):
+            for name in ("test_acc", "test_accuracy", "accuracy", "acc"):
+                value = entry.get(name)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    return float(value)
+        return None
+
+    own = acc(metrics.get(stage)) if stage is not None else None
+    order = [s for s in reversed(STAGES) if s in metrics and s != stage]
+    order += [s for s in reversed(list(metrics)) if s not in order and s != stage]
+    for key in order:
+        value = acc(metrics.get(key))
+        if value is not None:
+            return own, (str(key), value)
+    return own, None
+
+
 def checkpoint_metadata_for_onnx(
     ckpt: Checkpoint | Mapping[str, Any], *, sha256: str | None = None
 ) -> dict[str, str]:
@@ -65,13 +101,17 @@ def checkpoint_metadata_for_onnx(
 
     Keys: ``arch``, ``widths`` (``{}`` for a dense model), ``num_classes``, ``classes``,
     ``normalization`` (``{"mean", "std"}`` in [0, 1] pixel units), ``input_shape``,
-    ``preprocessing``, ``dataset``, ``stage``, ``accuracy`` (latest test accuracy, a
-    fraction), ``metrics``, ``prune``, ``source_sha256`` (the checkpoint file) and
-    ``version`` (of slim). ``ckpt`` may also be a metadata dict (with ``sha256`` given),
+    ``preprocessing``, ``dataset``, ``stage``, ``accuracy`` (test accuracy of *this* model, a
+    fraction; absent when it was not measured), ``accuracy_parent`` (JSON ``{"stage",
+    "accuracy"}``: the latest other stage's, labelled, when this model has none), ``metrics``,
+    ``prune``, ``lineage``, ``source_sha256`` (the checkpoint file) and ``version`` (of slim);
+    :func:`~slimcli.export.export_onnx` adds ``params``, ``macs`` and ``target``.
+    ``ckpt`` may also be a metadata dict (with ``sha256`` given),
     as ``prune --export`` has before it writes its checkpoint. Absent values are left out.
     """
     meta = _meta_of(ckpt)
     sha = sha256 if sha256 is not None else getattr(ckpt, "sha256", None)
+    own, other = measured_accuracy(meta)
     props: dict[str, Any] = {
         "arch": meta.get("arch"),
         "widths": meta.get("widths") or {},
@@ -85,9 +125,15 @@ def checkpoint_metadata_for_onnx(
         ),
         "dataset": meta.get("dataset"),
         "stage": meta.get("stage"),
-        "accuracy": latest_accuracy(meta),
+        "accuracy": own,
+        "accuracy_parent": (
+            {"stage": other[0], "accuracy": other[1],
+             "note": "measured on an earlier stage's model, not this one (this model was not evaluated)"}
+            if own is None and other is not None else None
+        ),
         "metrics": meta.get("metrics"),
         "prune": meta.get("prune"),
+        "lineage": meta.get("lineage") or None,
         "source_sha256": sha,
         "version": __version__,
     }
@@ -141,12 +187,22 @@ def export_checkpoint(
     tolerance: float = 1e-4,
     exporter: str = "auto",
     latency_runs: int = 50,
+    target: str = "generic",
+    runtimes: Sequence[str] | str = (),
+    int8: bool = False,
+    calibration: int = DEFAULT_CALIBRATION,
+    seed: int = 0,
 ) -> ExportReport:
     """Export a checkpoint's model (or ``model``, described by ``ckpt``) with its metadata.
 
     The path of ``slim export`` and ``slim prune --export``: rebuilds the model unless given,
     compares on :data:`REAL_SAMPLES` test images when ``real_data`` and the dataset is
-    available locally (why not is in ``report.notes``), and on random inputs always.
+    available locally (why not is in ``report.notes``), and on random inputs always;
+    ``target`` and ``runtimes`` go to :func:`export_onnx`. ``int8`` also writes
+    ``OUT.int8.onnx`` (:mod:`.int8`), calibrated on ``calibration`` training images drawn with
+    ``seed`` and compared with the fp32 model on the whole test split (``report.extension`` is
+    its :class:`~slimcli.export.int8.Int8Report`); the dataset must be on disk, else nothing
+    is written.
     """
     meta = _meta_of(ckpt)
     if model is None:
@@ -165,6 +221,7 @@ def export_checkpoint(
             notes.append(f"real-data check skipped: {exc}")
     else:
         notes.append("real-data check skipped (--no-real-data)")
+    extension = _int8_step(meta, data_dir, calibration, seed, latency_runs) if int8 else None
     report = export_onnx(
         model,
         path,
@@ -175,10 +232,77 @@ def export_checkpoint(
         tolerance=tolerance,
         exporter=exporter,
         latency_runs=latency_runs,
+        target=target,
+        runtimes=runtimes,
+        extension=extension,
     )
+    if report.identity_selections_removed:
+        n = report.identity_selections_removed
+        notes.append(f"removed {n} channel selection(s) that kept every channel (no Gather in the file)")
+    if int8:
+        pending: tuple[bytes, dict[str, Any]] = report.extension
+        target_path = int8_path(Path(path))
+        try:
+            atomic_write_bytes(target_path, pending[0])
+        except OSError as exc:
+            raise ExportError(
+                f"wrote {path} but could not write {target_path}: {exc.strerror or exc}"
+            ) from None
+        report = dataclasses.replace(report, extension=Int8Report(
+            path=target_path, size_bytes=target_path.stat().st_size, fp32_size_bytes=report.size_bytes,
+            **pending[1],
+        ))
     return dataclasses.replace(report, notes=tuple(notes))
 
 
+def _test_split(meta: Mapping[str, Any], data_dir: str | os.PathLike[str] | None) -> tuple[Tensor, Tensor]:
+    """The whole test split, normalised as in training (float32), and its labels."""
+    dataset = create_dataset(str(meta["dataset"]))
+    with no_downloads():
+        images, labels = dataset.load("test", Path(data_dir) if data_dir is not None else None)
+    mean, std = normalization_of(meta) or (dataset.mean, dataset.std)
+    return Normalizer(mean, std, torch.device("cpu"))(images), labels
+
+
+def _int8_step(
+    meta: Mapping[str, Any], data_dir: str | os.PathLike[str] | None, calibration: int, seed: int,
+    latency_runs: int,
+) -> Callable[[bytes, nn.Module], tuple[bytes, dict[str, Any]]]:
+    """Read the calibration and test data now (a missing dataset fails before any export), and
+    return the export extension that quantizes and measures the verified fp32 model."""
+    if isinstance(calibration, bool) or not isinstance(calibration, int) or calibration < 1:
+        raise UsageError(f"the number of calibration images must be an integer >= 1, got {calibration!r}")
+    spec = meta.get("dataset")
+    if not spec:
+        raise DataError("--int8 calibrates on the checkpoint's dataset, and the checkpoint records none")
+    try:
+        images = calibration_images(str(spec), calibration, seed=seed, data_dir=data_dir)
+        test_x, test_y = _test_split(meta, data_dir)
+    except DataError as exc:
+        raise DataError(f"--int8 calibrates on the training images of {spec}: {exc}") from None
+    dataset = create_dataset(str(spec))
+    mean, std = normalization_of(meta) or (dataset.mean, dataset.std)
+    calib = Normalizer(mean, std, torch.device("cpu"))(images)
+
+    def step(fp32: bytes, _model: nn.Module) -> tuple[bytes, dict[str, Any]]:
+        onnx, _ = require_onnx()
+        q = quantize_int8(fp32, calib)
+        res = compare_int8(fp32, q, test=(test_x, test_y), latency_runs=latency_runs, sample=test_x)
+        props = {p.key: p.value for p in onnx.load_from_string(fp32).metadata_props}
+        quant = {**QUANTIZATION, "calibration_images": len(calib), "calibration_split": "train",
+                 "calibration_seed": seed, "test_images": res["test_images"],
+                 "fp32_accuracy": res["fp32_accuracy"], "int8_accuracy": res["int8_accuracy"],
+                 "top1_agreement": res["agreement"]}
+        props["slim.quantization"] = json.dumps(quant)
+        props.pop("slim.accuracy", None)  # the fp32 model's number; this file's is measured below
+        if res["int8_accuracy"] is not None:
+            props["slim.accuracy"] = json.dumps(res["int8_accuracy"])
+        return set_metadata(q, props), {**res, "calibration_images": len(calib)}
+
+    return step
+
+
 __all__ = [
-    "REAL_SAMPLES", "checkpoint_metadata_for_onnx", "export_checkpoint", "latest_accuracy", "sample_inputs",
+    "DEFAULT_CALIBRATION", "REAL_SAMPLES", "checkpoint_metadata_for_onnx", "export_checkpoint",
+    "latest_accuracy", "measured_accuracy", "sample_inputs",
 ]

@@ -27,7 +27,7 @@ import os
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,8 @@ from torch import Tensor, nn
 from slimcli._fs import atomic_target, temp_path
 from slimcli.checkpoint import unwrap_model
 from slimcli.errors import ExportError, UsageError
+from slimcli.export.forms import TARGET_RUNTIME, check_target, remove_identity_selections
+from slimcli.export.runtimes import RuntimeCheck, check_runtimes, parse_runtimes
 from slimcli.export.verify import (
     BATCH_AXIS,
     INPUT_NAME,
@@ -49,7 +51,7 @@ from slimcli.export.verify import (
     require_onnx,
     verify_export,
 )
-from slimcli.measure import onnx_latency_ms
+from slimcli.measure import measure, onnx_latency_ms
 
 EXPORTERS = ("auto", "torchscript", "dynamo")
 
@@ -74,6 +76,11 @@ class ExportReport:
     checks: tuple[ParityCheck, ...] = ()
     metadata: dict[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()  # e.g. why the real-data check was skipped
+    macs: int | None = None  # of one input, as slim.macs
+    target: str = "generic"
+    runtimes: tuple[RuntimeCheck, ...] = ()  # the other runtimes checked (slimcli.export.runtimes)
+    identity_selections_removed: int = 0
+    extension: Any = None  # what the ``extension`` callback of export_onnx returned (the int8 report)
 
 
 def _check_destination(path: Path) -> Path:
@@ -271,6 +278,10 @@ def export_onnx(
     latency_runs: int = 50,
     warmup_runs: int = 5,
     seed: int = 0,
+    target: str = "generic",
+    runtimes: Sequence[str] | str = (),
+    runtime_latency_runs: int = 20,
+    extension: Callable[[bytes, nn.Module], Any] | None = None,
 ) -> ExportReport:
     """Export ``model`` to one verified ONNX file at ``path`` and report on it.
 
@@ -280,6 +291,12 @@ def export_onnx(
     copied to the CPU in float32 eval mode; the caller's module is left untouched.
     Raises :class:`ExportError` (nothing written at ``path``) when the folder is missing
     or unwritable, the export fails, or ``rel_diff > tolerance``.
+
+    Channel selections that keep every channel are removed first (:mod:`.forms`). ``slim.params``,
+    ``slim.macs`` (of the exported model) and ``slim.target`` are added to ``metadata``.
+    ``runtimes`` (and the runtime ``target`` implies) are checked too (:mod:`.runtimes`); one that
+    computes the model wrongly is an ExportError. ``extension(onnx_bytes, model)`` runs last,
+    before anything is written (its failure leaves nothing); its result is ``report.extension``.
     """
     if exporter not in EXPORTERS:
         raise UsageError(f"unknown exporter {exporter!r}; use one of {', '.join(EXPORTERS)}")
@@ -293,6 +310,11 @@ def export_onnx(
         raise UsageError(f"ONNX metadata values must be strings (JSON for structured ones): {bad[:3]}")
     if real_inputs is not None and (real_inputs.dim() != 4 or tuple(real_inputs.shape[1:]) != shape):
         raise UsageError(f"real_inputs must be N×{'×'.join(map(str, shape))}, got {tuple(real_inputs.shape)}")
+    check_target(target)
+    checked = list(parse_runtimes(runtimes))
+    implied = TARGET_RUNTIME[target]
+    if implied is not None and implied not in checked and implied != "ort":  # ort: always verified
+        checked.append(implied)
     onnx, _ = require_onnx()
     if opset is not None and not 7 <= opset <= onnx.defs.onnx_opset_version():
         raise UsageError(f"opset {opset} is not supported; use 7…{onnx.defs.onnx_opset_version()}")
@@ -308,7 +330,14 @@ def export_onnx(
             except Exception as exc:
                 raise ExportError(f"cannot copy the model for export: {first_line(exc)}") from None
             net = net.to(device="cpu", dtype=torch.float32).eval()
-            params = sum(p.numel() for p in net.parameters())
+            try:
+                net, removed = remove_identity_selections(net, shape)
+            except Exception as exc:
+                raise ExportError(f"cannot prepare the model for export: {first_line(exc)}") from None
+            cost = measure(net, shape)
+            params = cost.params
+            metadata = {**metadata, "slim.params": str(cost.params), "slim.macs": str(cost.macs),
+                        "slim.target": target}
             if real_inputs is not None:
                 real_inputs = real_inputs.detach().to(device="cpu", dtype=torch.float32)
             # traced at batch 2: torch.export specialises sizes 0 and 1, so 1 would pin the batch
@@ -340,6 +369,11 @@ def export_onnx(
                 )
             if chosen is None:
                 raise ExportError(f"ONNX export to {path} failed, nothing written: " + "; ".join(problems))
+            others = check_runtimes(
+                chosen.data, net, shape, checked,
+                real_inputs=real_inputs, tolerance=tolerance, latency_runs=runtime_latency_runs, seed=seed,
+            ) if checked else ()
+            extra = extension(chosen.data, net) if extension is not None else None
 
             with open(tmp, "wb") as fh:
                 fh.write(chosen.data)
@@ -371,6 +405,11 @@ def export_onnx(
         params=params,
         checks=tuple(chosen.checks),
         metadata=dict(metadata),
+        macs=cost.macs,
+        target=target,
+        runtimes=tuple(others),
+        identity_selections_removed=removed,
+        extension=extra,
     )
 
 

@@ -1,0 +1,112 @@
+"""The export form of a model: what is rewritten (exactly) before it goes to ONNX, per target runtime.
+
+Every target: a channel selection that keeps every channel of its input in order (indices
+``0 … C−1`` of a ``C``-channel tensor) is an identity and is removed, so it never becomes an
+ONNX ``Gather``. A selection of a *prefix* (``0 … k−1`` of ``C > k``) is not an identity and
+stays. Targets (``--target``): ``generic`` (the default), ``ort``, ``openvino``, ``ncnn``. They
+are recorded in ``slim.target``; a target other than ``generic`` also checks the model in that
+runtime (``slimcli.export.runtimes``), so a file exported for ncnn is known to compute right in
+ncnn. Per-target rewrites of the channel selections themselves belong to the pruning surgery
+(``slimcli.prune``), which knows which realisation is cheapest where; see docs/export.md.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from slimcli.errors import UsageError
+from slimcli.prune import ChannelSelection
+
+TARGETS = ("generic", "ort", "openvino", "ncnn")
+#: the runtime a target implies a check in (``generic`` implies none beyond onnxruntime's own)
+TARGET_RUNTIME = {"generic": None, "ort": "ort", "openvino": "openvino", "ncnn": "ncnn"}
+
+
+def check_target(target: str) -> str:
+    if target not in TARGETS:
+        raise UsageError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
+    return target
+
+
+def _is_identity(indices: torch.Tensor, channels: int) -> bool:
+    idx = indices.reshape(-1)
+    return idx.numel() == channels and bool(torch.equal(idx.cpu(), torch.arange(channels)))
+
+
+def _index_select_parts(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Tensor] | None:
+    """``(input node, indices)`` when ``node`` selects channels (dim 1) with constant indices."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        if isinstance(mod, ChannelSelection) and isinstance(node.args[0], fx.Node):
+            return node.args[0], mod.indices
+        return None
+    is_fn = node.op == "call_function" and node.target is torch.index_select
+    is_method = node.op == "call_method" and node.target == "index_select"
+    if not (is_fn or is_method) or len(node.args) < 3:
+        return None
+    src, dim, index = node.args[0], node.args[1], node.args[2]
+    if dim != 1 or not isinstance(src, fx.Node) or not isinstance(index, fx.Node) or index.op != "get_attr":
+        return None
+    value = gm
+    for part in str(index.target).split("."):
+        value = getattr(value, part)
+    return (src, value) if isinstance(value, torch.Tensor) else None
+
+
+def remove_identity_selections(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[nn.Module, int]:
+    """Remove the channel selections of ``model`` that keep all channels in order; return the count.
+
+    ``model`` is changed in place (export works on its own copy). A ``torch.fx.GraphModule``
+    loses the graph nodes (``ChannelSelection`` modules and ``index_select`` on dim 1 with a
+    constant index); any other module has its identity ``ChannelSelection`` submodules replaced by
+    ``nn.Identity``. The input channel count of each selection is read from one forward pass.
+    """
+    x = torch.zeros(1, *input_shape)
+    if isinstance(model, fx.GraphModule):
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        with torch.no_grad():
+            ShapeProp(model).propagate(x)
+        removed = 0
+        for node in list(model.graph.nodes):
+            parts = _index_select_parts(model, node)
+            if parts is None:
+                continue
+            src, indices = parts
+            meta = src.meta.get("tensor_meta")
+            shape = getattr(meta, "shape", None)
+            if shape is None or len(shape) < 2 or not _is_identity(indices, int(shape[1])):
+                continue
+            node.replace_all_uses_with(src)
+            model.graph.erase_node(node)
+            removed += 1
+        if removed:
+            model.graph.eliminate_dead_code()
+            model.delete_all_unused_submodules()
+            model.recompile()
+        return model, removed
+
+    seen: dict[str, int] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, args, name=name: seen.__setitem__(name, int(args[0].shape[1])))
+        for name, m in model.named_modules()
+        if isinstance(m, ChannelSelection)
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    removed = 0
+    for name, channels in seen.items():
+        mod = model.get_submodule(name)
+        if isinstance(mod, ChannelSelection) and _is_identity(mod.indices, channels):
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, nn.Identity())
+            removed += 1
+    return model, removed
+
+
+__all__ = ["TARGETS", "TARGET_RUNTIME", "check_target", "remove_identity_selections"]
