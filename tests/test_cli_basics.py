@@ -48,7 +48,7 @@ print(json.dumps({"code": code, "typer": "typer" in sys.modules,
 
 
 @pytest.mark.parametrize("args", [["--version"], ["--help"], [], *([cmd, "--help"] for cmd in (
-    "sparsify-train", "finetune", "prune", "sweep", "inspect", "export", "demo", "list"))],
+    "sparsify-train", "finetune", "prune", "sweep", "inspect", "export", "import", "demo", "list"))],
                          ids=lambda a: " ".join(a) or "no-args")
 def test_version_and_help_do_not_import_torch(args: list[str]) -> None:
     """Start-up stays fast (docs/benchmarks.md): --version/--help never import torch or numpy."""
@@ -239,7 +239,7 @@ def test_help_lists_every_command_without_truncation(capsys: pytest.CaptureFixtu
     out = capsys.readouterr().out
     commands = out.split("Commands:")[1].strip().splitlines()
     assert [line.split()[0] for line in commands] == [
-        "demo", "export", "finetune", "inspect", "list", "prune", "sparsify-train", "sweep"]
+        "demo", "export", "finetune", "import", "inspect", "list", "prune", "sparsify-train", "sweep"]
     assert all(line.rstrip().endswith(".") and not line.rstrip().endswith("...") for line in commands), out
 
 

@@ -19,6 +19,7 @@ from slimcli._cmdline import set_command_line
 from slimcli.cli import demo as _demo  # noqa: F401  (registers the command)
 from slimcli.cli import export as _export  # noqa: F401  (registers the command)
 from slimcli.cli import finetune as _finetune  # noqa: F401  (registers the command)
+from slimcli.cli import import_ as _import  # noqa: F401  (registers the command)
 from slimcli.cli import inspect as _inspect  # noqa: F401  (registers the command)
 from slimcli.cli import list as _list  # noqa: F401  (registers the command)
 from slimcli.cli import prune as _prune  # noqa: F401  (registers the command)
