@@ -25,7 +25,7 @@ from slimcli.data import create_dataset, no_downloads
 from slimcli.errors import CheckpointError, DataError, UsageError
 from slimcli.prune import apply_widths
 from slimcli.prune.recalibrate import recalibrate_batchnorm
-from slimcli.registry import ARCHS
+from slimcli.registry import ARCHS, is_file_spec
 
 EVAL_BATCH = 1000
 
@@ -46,7 +46,7 @@ def build_model(ckpt: Checkpoint) -> nn.Module:
     spec = str(ckpt.meta["arch"])
     name = spec.partition(":")[0].strip()
     where = f" ({ckpt.path})" if ckpt.path else ""
-    if name not in ARCHS:
+    if not is_file_spec(spec) and name not in ARCHS:  # a user file's problems are create_arch's errors
         raise CheckpointError(
             f"checkpoint{where} needs architecture '{name}', which is not installed; install the plugin "
             f"that provides it (see 'slim list archs')"

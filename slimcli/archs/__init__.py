@@ -12,13 +12,14 @@ and third-party architecture follows (and ``tests/test_archs.py`` checks):
 - only the stem's input channels depend on ``input_shape``; the classifier reads an
   adaptive global average pool, so parameter counts do not depend on the image size.
 
-The public entry point is :func:`create_arch`.
+The public entry point is :func:`create_arch`; it also builds a user's own model from a file
+spec ``PATH.py:OBJECT[:k=v,…]`` or from the class or factory itself (:mod:`slimcli.archs.userfile`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
@@ -91,21 +92,37 @@ def depth_problem(depth: int, step: int, offset: int) -> str | None:
 
 
 def create_arch(
-    spec: str | Spec, num_classes: int = 10, input_shape: tuple[int, int, int] = (3, 32, 32)
+    spec: str | Spec | Callable[..., nn.Module], num_classes: int = 10,
+    input_shape: tuple[int, int, int] = (3, 32, 32), **options: Any,
 ) -> nn.Module:
-    """Build the dense model named by ``spec`` (``NAME[:k=v,…]``, e.g. ``vgg19:width=0.5``)."""
-    parsed = ARCHS.parse(spec)
-    check_num_classes(parsed.name, num_classes)
-    shape = check_input_shape(parsed.name, input_shape)
+    """Build the dense model named by ``spec``.
+
+    ``spec`` is a spec string — a registered arch ``NAME[:k=v,…]`` (``vgg19:width=0.5``) or a
+    user file ``PATH.py:OBJECT[:k=v,…]`` — or a user's ``nn.Module`` class or factory function
+    itself (see :mod:`slimcli.archs.userfile` for the constructor convention). ``options``
+    override the spec string's (or are the callable's options), checked the same way.
+    """
+    if isinstance(spec, (str, Spec)):
+        parsed = ARCHS.parse(spec, **options)
+        name, build, values = parsed.name, parsed.info.cls, parsed.options
+        shown = str(parsed)
+    else:
+        from slimcli.archs.userfile import from_callable  # user code: see docs/architectures.md
+
+        build = from_callable(spec)
+        name, values = build.label, build.validate(options)
+        shown = name
+    check_num_classes(name, num_classes)
+    shape = check_input_shape(name, input_shape)
     try:
-        return parsed.info.cls(num_classes, shape, **parsed.options)
+        return build(num_classes, shape, **values)
     except (MemoryError, RuntimeError) as exc:
         # e.g. vgg19:width=100 (meant as 100 %): torch's CPU allocator fails with a RuntimeError
         if isinstance(exc, RuntimeError) and "allocate" not in str(exc):
             raise
         size = re.search(r"allocate (\d+) bytes", str(exc))
         need = f" (one of its tensors alone needs {int(size[1]) / 2**30:,.1f} GiB)" if size else ""
-        raise SlimError(f"not enough memory to build {parsed}{need}; choose a smaller width or depth "
+        raise SlimError(f"not enough memory to build {shown}{need}; choose a smaller width or depth "
                         f"(slim list archs)") from None
 
 

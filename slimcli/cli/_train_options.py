@@ -17,7 +17,7 @@ from rich.table import Table
 
 from slimcli.cli._common import device_callback, err, non_negative, out, positive, spec_callback
 from slimcli.errors import UsageError
-from slimcli.registry import ARCHS, DATASETS, PENALTIES
+from slimcli.registry import ARCHS, DATASETS, PENALTIES, is_file_spec
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -68,8 +68,16 @@ def _opt(*names: str, help: str, **kw: Any) -> Any:
     return typer.Option(*names, help=help, rich_help_panel=TRAIN, **kw)
 
 
-ArchOpt = Annotated[str, _opt("--arch", help="Architecture spec, e.g. vgg19, vgg11:width=0.25, resnet164.",
-                              callback=spec_callback(ARCHS))]
+def _arch(value: str | None) -> str | None:
+    """Check an ``--arch`` spec; a user file spec (``net.py:Net``) is kept as typed, so that the
+    default run folder is named after it, not after its absolute path and sha256 (the checkpoint
+    records the canonical form)."""
+    checked = spec_callback(ARCHS)(value)
+    return value.strip() if value is not None and is_file_spec(value) else checked
+
+
+ArchOpt = Annotated[str, _opt("--arch", help="Architecture spec, e.g. vgg19, vgg11:width=0.25, resnet164, "
+                              "or your own model: path/to/net.py:Net[:key=value,…].", callback=_arch)]
 DatasetOpt = Annotated[str, _opt("--dataset", callback=spec_callback(DATASETS),
                                  help="Dataset spec, e.g. cifar10, fashion-mnist, synthetic:n=512.")]
 PenaltyOpt = Annotated[str, _opt("--penalty", help="Sparsity penalty on BN scales: l1, lp:p=0.5, tl1:a=0.5, "
