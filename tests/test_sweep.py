@@ -126,8 +126,12 @@ def test_a_half_done_sweep_recomputes_nothing_finished(
     assert again.doc["cells"] == full.doc["cells"]
     calls.clear()
     assert run_sweep(two, [0.2, 0.4, 0.6], out, settings, device="cpu").computed == 0 and calls == []
-    # other settings are other cells: nothing is reused by mistake
-    assert run_sweep(two, [0.2], out, SweepSettings(recalibrate=16), device="cpu").computed == 2
+    # other settings are other cells: nothing is reused by mistake, and the earlier ones are not
+    # dropped without force
+    with pytest.raises(UsageError, match="--force"):
+        run_sweep(two, [0.2], out, SweepSettings(recalibrate=16), device="cpu")
+    assert len(json.loads((out / "sweep.json").read_text())["cells"]) == 6
+    assert run_sweep(two, [0.2], out, SweepSettings(recalibrate=16), device="cpu", force=True).computed == 2
 
 
 def test_sweep_stops_where_a_layer_would_empty_unless_min_channels(tmp_path: Path) -> None:

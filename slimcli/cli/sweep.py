@@ -93,6 +93,8 @@ def sweep(
         "--device", callback=device_callback, help="auto (CUDA if present), cpu, cuda[:N].")] = "auto",
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print sweep.json on stdout (nothing else).")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace an earlier sweep in --out whose cells this one would drop.")] = False,
 ) -> None:
     """Prune every CKPT at every ratio and measure accuracy after surgery, after BatchNorm
     recalibration and, with --finetune-epochs, after a short fine-tune.
@@ -118,7 +120,7 @@ def sweep(
                 err.print(f"[{done}/{total}] {what}", markup=False, highlight=False)
 
         result = run_sweep(ckpts, parse_ratios(ratios), out_dir, settings, device=device,
-                           data_dir=data_dir, progress=progress,
+                           data_dir=data_dir, progress=progress, force=force,
                            log=lambda msg: err.print(f"note: {msg}", markup=False, highlight=False))
     if as_json:
         typer.echo(json.dumps(result.doc, ensure_ascii=False))

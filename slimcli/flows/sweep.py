@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from slimcli._fs import atomic_write_bytes
-from slimcli.checkpoint import Checkpoint, ensure_folder, load_checkpoint, save_checkpoint
+from slimcli.checkpoint import Checkpoint, check_finite, ensure_folder, load_checkpoint, save_checkpoint
 from slimcli.data import create_dataset, no_downloads
-from slimcli.errors import DataError, UsageError
+from slimcli.errors import DataError, SlimError, UsageError
 from slimcli.export import latest_accuracy
 from slimcli.flows.prune import DEFAULT_RECALIBRATION, prune_loaded, pruned_meta
 from slimcli.measure import measure
@@ -142,6 +142,37 @@ def _load_previous(path: Path) -> dict[str, dict[str, Any]]:
     return cells
 
 
+def _check_replaced(path: Path, previous: dict[str, dict[str, Any]], kept: set[str]) -> None:
+    """Refuse (without force) to drop an earlier sweep's cells or to replace a sweep.json it cannot read."""
+    if not path.exists():
+        return
+    dropped = [cid for cid in previous if cid not in kept]
+    if dropped:
+        raise UsageError(f"{path} holds {len(dropped)} cell(s) of an earlier sweep with other checkpoints, "
+                         f"ratios or settings, which this sweep would drop; pass --force to replace them, "
+                         f"or choose another --out")
+    if not previous and path.stat().st_size > 0 and _load_previous_doc(path) is None:
+        raise UsageError(f"{path} is not a sweep file this slim can read; pass --force to replace it, or "
+                         f"choose another --out")
+
+
+def _load_previous_doc(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and doc.get("sweep_version") == SWEEP_VERSION else None
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Atomic write; a full disk or lost permission is one clean error (the previous file stays)."""
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as exc:
+        raise SlimError(f"could not write {path}: {exc.strerror or exc}; the previous file is unchanged "
+                        f"(free disk space, then rerun: finished cells are kept)") from None
+
+
 def run_sweep(
     ckpt_paths: Sequence[str | os.PathLike[str]],
     ratios: Sequence[float],
@@ -152,8 +183,13 @@ def run_sweep(
     data_dir: str | os.PathLike[str] | None = None,
     log: Callable[[str], None] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    force: bool = False,
 ) -> SweepResult:
     """Prune every checkpoint at every ratio into ``out`` (see the module docstring).
+
+    A rerun into ``out`` keeps the cells it shares with the earlier sweep there; when it would
+    drop cells of that sweep (other checkpoints, ratios or settings) or replace an unreadable
+    ``sweep.json``, it refuses unless ``force``.
 
     ``progress(done, total, what)`` is called before every cell and once at the end; ``log``
     gets one line per notable event (e.g. no recalibration data).
@@ -168,6 +204,8 @@ def run_sweep(
         raise UsageError(f"--out {out_dir} is a file; give a folder for the sweep's outputs")
     ensure_folder(out_dir)
     ckpts = [load_checkpoint(p) for p in ckpt_paths]
+    for c in ckpts:
+        check_finite(c, "sweep")
     seen: dict[str, Path] = {}
     for c in ckpts:
         if c.sha256 in seen:
@@ -178,6 +216,9 @@ def run_sweep(
             raise DataError(f"{c.path} records no dataset, so the sweep cannot test it; sweep another")
     labels = _labels(ckpts)
     previous = _load_previous(out_dir / "sweep.json")
+    if not force:
+        _check_replaced(out_dir / "sweep.json", previous,
+                        {_cell_id(c.sha256, r, settings) for c in ckpts for r in ratios})
     total = len(ckpts) * len(ratios)
     done = computed = reused = 0
     notes: list[str] = []
@@ -191,7 +232,7 @@ def run_sweep(
 
     def write_json() -> None:
         text = json.dumps(doc, indent=1, allow_nan=False) + "\n"
-        atomic_write_bytes(out_dir / "sweep.json", text.encode())
+        _write(out_dir / "sweep.json", text.encode())
 
     for ckpt, label in zip(ckpts, labels, strict=True):
         dense = build_model(ckpt)
@@ -332,8 +373,8 @@ def _write_tables(doc: dict[str, Any], out_dir: Path) -> list[Path]:
     writer.writerow(CSV_COLUMNS)
     for cell in doc["cells"]:
         writer.writerow(["" if cell.get(k) is None else cell.get(k) for k in CSV_COLUMNS])
-    atomic_write_bytes(out_dir / "sweep.csv", buf.getvalue().encode())
-    atomic_write_bytes(out_dir / "sweep.md", markdown_table(doc).encode())
+    _write(out_dir / "sweep.csv", buf.getvalue().encode())
+    _write(out_dir / "sweep.md", markdown_table(doc).encode())
     return [out_dir / "sweep.csv", out_dir / "sweep.md"]
 
 
@@ -411,7 +452,7 @@ def _plot(doc: dict[str, Any], path: Path, notes: list[str]) -> Path | None:
     fig.tight_layout()
     buf = io.BytesIO()
     FigureCanvasAgg(fig).print_png(buf)
-    atomic_write_bytes(path, buf.getvalue())
+    _write(path, buf.getvalue())
     return path
 
 
