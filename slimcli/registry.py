@@ -378,6 +378,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "slimcli.data.mnist",
     "slimcli.data.fashion_mini",
     "slimcli.data.synthetic",
+    "slimcli.data.imagefolder",
 )
 
 _loaded = False

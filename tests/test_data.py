@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _images import make_image_folder
 
 from slimcli.data import create_dataset
 from slimcli.data.cifar import Cifar10, Cifar100, read_batch
@@ -161,9 +162,11 @@ MAKERS: dict[str, Callable[[Path], object] | None] = {
     "fashion-mnist": lambda root: make_idx(root / "fashion-mnist"),
     "fashion-mini": None,
     "synthetic": None,
+    "imagefolder": lambda root: make_image_folder(root / "folder"),  # tests/_images.py
 }
 BUILTINS = sorted(info.name for info in DATASETS if info.cls.__module__.startswith("slimcli.data."))
-SMALL = {"synthetic": "synthetic:n=40,n_test=20,size=8", "fashion-mini": "fashion-mini:n_train=50"}
+SMALL = {"synthetic": "synthetic:n=40,n_test=20,size=8", "fashion-mini": "fashion-mini:n_train=50",
+         "imagefolder": "imagefolder:path={root}/folder,size=16"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +182,7 @@ def test_builtin_dataset_satisfies_contract(name: str, tmp_path: Path) -> None:
     maker = MAKERS[name]
     if maker is not None:
         maker(root)
-    spec = SMALL.get(name, name)
+    spec = SMALL.get(name, name).format(root=root)
     assert create_dataset(spec).name == name
     check_dataset(spec, root)  # slimcli.testing: the checks plugins run too
 

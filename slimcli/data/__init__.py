@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from slimcli.data._paths import OFFLINE_ENV
+from slimcli.data.streaming import SampleSource, TensorSource
 from slimcli.errors import DataError, UsageError
 from slimcli.registry import DATASETS, Option, Spec
 
@@ -63,6 +64,18 @@ class Dataset:
     def load(self, split: str, root: Path | None = None) -> tuple[Tensor, Tensor]:
         """The whole ``split`` ("train" or "test"): uint8 images N×C×H×W and int64 labels N."""
         raise NotImplementedError
+
+    def too_large_for_device(self, root: Path | None = None) -> bool:
+        """Whether the training split is too large to keep on the device (then it streams
+        through DataLoader workers, see :mod:`slimcli.data.streaming`). Default: no."""
+        return False
+
+    def source(self, split: str, root: Path | None = None) -> SampleSource:
+        """``split`` image by image for the streaming loader; default: :meth:`load` held in
+        memory, augmented per image like the resident path (pad-crop, flip)."""
+        images, labels = self.load(split, root)
+        aug = getattr(self, "augment", {}) or {}
+        return TensorSource(images, labels, int(aug.get("crop_pad", 0)), bool(aug.get("hflip", False)))
 
     # helpers for subclasses -----------------------------------------------------------
     def check_split(self, split: str) -> None:
