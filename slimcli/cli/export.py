@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.table import Table
@@ -14,6 +14,26 @@ from slimcli.cli.app import app
 
 if TYPE_CHECKING:
     from slimcli.export import ExportReport
+
+
+class Target(str, Enum):
+    generic = "generic"
+    ort = "ort"
+    openvino = "openvino"
+    ncnn = "ncnn"
+
+
+def _runtimes(value: str | None) -> str | None:
+    if value is None:
+        return None
+    names = [v.strip().lower() for v in value.split(",") if v.strip()]
+    known = ("ort", "opencv", "openvino", "ncnn", "all")
+    bad = [n for n in names if n not in known]
+    if bad or not names:
+        raise typer.BadParameter(
+            f"unknown runtime(s) {', '.join(bad) or repr(value)}; use a comma list of {', '.join(known)}"
+        )
+    return ",".join(names)
 
 
 class Exporter(str, Enum):
@@ -58,6 +78,38 @@ def render_report(report: ExportReport) -> Table:
     table.add_row("checked on", checks)
     if report.latency_ms is not None:
         table.add_row("latency", f"{report.latency_ms:.3f} ms (onnxruntime CPU, batch 1, median)")
+    if report.macs is not None:
+        table.add_row("MACs", f"{report.macs:,} per image")
+    table.add_row("target", report.target)
+    return table
+
+
+def render_runtimes(report: ExportReport) -> Table:
+    """Parity and latency of the model in each runtime ``--check-runtimes`` named."""
+    table = Table(title="runtimes (parity vs PyTorch, latency batch 1 interleaved)", title_justify="left")
+    for col in ("runtime", "version", "max rel diff", "latency ms", "checked on", "note"):
+        table.add_column(col, justify="right" if col in ("max rel diff", "latency ms") else "left")
+    for c in report.runtimes:
+        lat = f"{c.latency_ms:.3f}" if c.latency_ms is not None else "–"
+        table.add_row(c.runtime, c.version.split("-")[0], f"{c.rel_diff:.2g}", lat, c.checked_on, c.note)
+    return table
+
+
+def render_int8(r: Any) -> Table:
+    """The int8 model next to fp32: size, latency, accuracy (``--int8``)."""
+    table = Table(title=f"int8 model: {r.path}", title_justify="left")
+    for col in ("", "fp32", "int8", "int8 / fp32"):
+        table.add_column(col, justify="left" if not col else "right")
+    ratio = r.size_bytes / r.fp32_size_bytes
+    table.add_row("size", f"{r.fp32_size_bytes:,} B", f"{r.size_bytes:,} B", f"{ratio:.2f}×")
+    if r.fp32_latency_ms is not None:
+        table.add_row("latency (ort, batch 1)", f"{r.fp32_latency_ms:.3f} ms", f"{r.int8_latency_ms:.3f} ms",
+                      f"{r.int8_latency_ms / r.fp32_latency_ms:.2f}×")
+    if r.test_images:
+        table.add_row(f"test accuracy ({r.test_images} images)", f"{r.fp32_accuracy:.2%}",
+                      f"{r.int8_accuracy:.2%}", f"drop {r.accuracy_drop * 100:.2f} points")
+        table.add_row("top-1 agreement", "", f"{r.agreement:.2%}", "")
+    table.add_row("calibration", "", f"{r.calibration_images} training images", "")
     return table
 
 
@@ -82,6 +134,17 @@ def export(
     ),
     latency_runs: int = typer.Option(50, "--latency-runs", min=0, help="Timed batch-1 runs (0: skip)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT.onnx if it exists."),
+    target: Target = typer.Option(
+        Target.generic, "--target", help="Runtime the file is for (recorded; openvino, ncnn: checked there)."
+    ),
+    check_runtimes: str | None = typer.Option(
+        None, "--check-runtimes", callback=_runtimes, metavar="LIST",
+        help="Also check parity and latency in these runtimes: ort,opencv,openvino,ncnn (or all).",
+    ),
+    int8: bool = typer.Option(False, "--int8", help="Also write OUT.int8.onnx (static int8 quantization)."),
+    calibration: int = typer.Option(
+        256, "--calibration", min=1, help="Training images --int8 calibrates on.", show_default=True
+    ),
 ) -> None:
     """Export a checkpoint to one ONNX file (dynamic batch, metadata), checked against PyTorch."""
     # lazily: start-up cost, see docs/benchmarks.md (these import torch)
@@ -91,6 +154,9 @@ def export(
 
     if onnx_out.exists() and not onnx_out.is_dir() and not force:
         raise UsageError(f"{onnx_out} already exists; pass --force to replace it, or choose another OUT.onnx")
+    q_out = onnx_out.with_name(onnx_out.stem + ".int8.onnx")
+    if int8 and q_out.exists() and not force:
+        raise UsageError(f"{q_out} already exists; pass --force to replace it, or choose another OUT.onnx")
     check_onnx_destination(onnx_out)  # the folder must exist and be writable: checked before any work
     ensure_folder(onnx_out.parent, needed=ckpt.stat().st_size if ckpt.is_file() else 0, create=False,
                   option="OUT.onnx")
@@ -106,7 +172,15 @@ def export(
         tolerance=tolerance,
         exporter=exporter.value,
         latency_runs=latency_runs,
+        target=target.value,
+        runtimes=check_runtimes or (),
+        int8=int8,
+        calibration=calibration,
     )
     for note in report.notes:
         err.print(f"[yellow]note:[/] {note}", highlight=False)
     out.print(render_report(report))
+    if report.runtimes:
+        out.print(render_runtimes(report))
+    if report.extension is not None:
+        out.print(render_int8(report.extension))
