@@ -224,21 +224,23 @@ def _describe(exc: BaseException, path: Path | None) -> str:
 _MODULES: dict[tuple[Path, str], types.ModuleType] = {}
 
 
-def _import_file(path: Path, sha: str) -> types.ModuleType:
-    """Import ``path`` as a module once per (path, content); its folder is on sys.path meanwhile."""
+def _import_file(path: Path, source: bytes, sha: str) -> types.ModuleType:
+    """Run ``source`` (the bytes that were hashed) as the module of ``path``, once per (path,
+    content): no bytecode cache is read or written, so the code run is the code recorded. The
+    file's folder is on sys.path meanwhile (sibling imports such as ``from blocks import Block``)."""
     key = (path, sha)
     if key in _MODULES:
         return _MODULES[key]
     modname = f"slim_user_arch_{sha[:16]}"
     spec = importlib.util.spec_from_file_location(modname, path)
-    if spec is None or spec.loader is None:
+    if spec is None:
         raise PluginError(f"cannot import arch file {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[modname] = module  # dataclasses, pickling and torch.fx look modules up by name
     folder = str(path.parent)
-    sys.path.insert(0, folder)  # sibling imports (from blocks import Block) resolve next to the file
+    sys.path.insert(0, folder)
     try:
-        spec.loader.exec_module(module)
+        exec(compile(source, str(path), "exec", dont_inherit=True), module.__dict__)
     except BaseException as exc:
         sys.modules.pop(modname, None)
         if not isinstance(exc, Exception):
@@ -280,8 +282,9 @@ def load_file_arch(path_text: str, obj: str) -> tuple[PluginInfo, dict[str, Any]
         raise UsageError(f"arch file {path} (relative to the current folder {Path.cwd()}) {what}; "
                          f"expected PATH.py:CLASS_OR_FUNCTION")
     path = path.resolve()
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    module = _import_file(path, sha)
+    source = path.read_bytes()
+    sha = hashlib.sha256(source).hexdigest()
+    module = _import_file(path, source, sha)
     found = ", ".join(_candidates(module)) or "no nn.Module classes or functions"
     if not obj:
         raise UsageError(f"{shown}: name the class or function that builds the model, as "
