@@ -387,6 +387,23 @@ def test_convert_names_the_tensor_of_a_wrong_arch() -> None:
         convert(sd, "vgg11")
 
 
+def test_docs_recipes(tmp_path: Path) -> None:
+    """docs/checkpoint-format.md: import_pth + load_state_dict fits weights with slim's own keys;
+    a reference file has other keys (the old recipe failed on it) and goes through slim import."""
+    from slimcli.archs import create_arch
+    from slimcli.checkpoint import import_pth
+
+    spec = "vgg:depth=11,width=0.125"
+    own = tmp_path / "own.pth"
+    torch.save(create_arch(spec, 10).state_dict(), own)
+    create_arch(spec, 10).load_state_dict(import_pth(own))
+    ref = randomize(RefVGG([c if c == "M" else c // 8 for c in VGG_CFG[11]]), 13)
+    src = save_training(ref, tmp_path / "model_best.pth.tar")
+    with pytest.raises(RuntimeError, match=r"feature\.0\.weight"):
+        create_arch(spec, 10).load_state_dict(import_pth(src))
+    assert_same(ref, slim_of(import_reference(src, spec, tmp_path / "v.safetensors").out))
+
+
 def test_default_out() -> None:
     assert default_out("runs/model_best.pth.tar") == Path("runs/model_best.safetensors")
     assert default_out("x/pruned.pth") == Path("x/pruned.safetensors")
