@@ -378,6 +378,27 @@ def test_cfg_that_disagrees_with_the_shapes(tmp_path: Path) -> None:
         import_reference(save_pruned(ref, bad, tmp_path / "p.pth.tar"), None, tmp_path / "o.safetensors")
 
 
+def test_state_dict_without_num_batches_tracked() -> None:
+    """Files from PyTorch < 0.4.1 lack num_batches_tracked: they import (the counter starts at 0)."""
+    ref, cfg = pruned_densenet(10, 4, seed=14)
+    sd = {k: v for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert_same(ref, convert(sd, None, cfg=cfg).model)
+
+
+def test_dataparallel_prefix_and_bad_selection(tmp_path: Path) -> None:
+    ref, cfg = pruned_densenet(10, 4, seed=15)
+    src = tmp_path / "dp.pth.tar"
+    torch.save({"cfg": cfg, "state_dict": {"module." + k: v for k, v in ref.state_dict().items()}}, src)
+    assert_same(ref, slim_of(import_reference(src, None, tmp_path / "dp.safetensors").out))
+    sd = dict(ref.state_dict())
+    sd["trans1.select.indexes"] = torch.ones(3)
+    with pytest.raises(CheckpointError, match=r"trans1\.select\.indexes has 3 entries"):
+        convert(sd)
+    sd["trans1.select.indexes"] = torch.zeros(sd["trans1.bn1.weight"].numel())
+    with pytest.raises(CheckpointError, match="selects no channel"):
+        convert(sd)
+
+
 def test_convert_names_the_tensor_of_a_wrong_arch() -> None:
     sd = randomize(RefDenseNet(10, 4), 9).state_dict()
     with pytest.raises(CheckpointError, match=r"stem\.weight \(file conv1\.weight\).*"
