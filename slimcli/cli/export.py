@@ -86,12 +86,15 @@ def render_report(report: ExportReport) -> Table:
 
 def render_runtimes(report: ExportReport) -> Table:
     """Parity and latency of the model in each runtime ``--check-runtimes`` named."""
-    table = Table(title="runtimes (parity vs PyTorch, latency batch 1 interleaved)", title_justify="left")
-    for col in ("runtime", "version", "max rel diff", "latency ms", "checked on", "note"):
+    on = report.runtimes[0].checked_on if report.runtimes else ""
+    title = f"runtimes: parity vs PyTorch ({on}), latency at batch 1 (median)"
+    table = Table(title=title, title_justify="left")
+    for col in ("runtime", "version", "max rel diff", "latency ms", "note"):
         table.add_column(col, justify="right" if col in ("max rel diff", "latency ms") else "left")
     for c in report.runtimes:
         lat = f"{c.latency_ms:.3f}" if c.latency_ms is not None else "–"
-        table.add_row(c.runtime, c.version.split("-")[0], f"{c.rel_diff:.2g}", lat, c.checked_on, c.note)
+        note = "; ".join(n for n in (c.note, "image by image" if c.runtime == "ncnn" else "") if n)
+        table.add_row(c.runtime, c.version.split("-")[0], f"{c.rel_diff:.2g}", lat, note)
     return table
 
 
@@ -107,7 +110,7 @@ def render_int8(r: Any) -> Table:
                       f"{r.int8_latency_ms / r.fp32_latency_ms:.2f}×")
     if r.test_images:
         table.add_row(f"test accuracy ({r.test_images} images)", f"{r.fp32_accuracy:.2%}",
-                      f"{r.int8_accuracy:.2%}", f"drop {r.accuracy_drop * 100:.2f} points")
+                      f"{r.int8_accuracy:.2%}", f"drop {r.accuracy_drop * 100:.2f} points (fp32 − int8)")
         table.add_row("top-1 agreement", "", f"{r.agreement:.2%}", "")
     table.add_row("calibration", "", f"{r.calibration_images} training images", "")
     return table

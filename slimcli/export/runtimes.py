@@ -20,9 +20,10 @@ Runtimes (each an optional extra; ``pip install "slim-prune[runtimes]"`` install
 
 :func:`check_runtimes` runs the model in each, on random inputs at batch 1 and 3 (ncnn: image
 by image) and on the real images given, and reports ``rel_diff`` (as in
-:mod:`slimcli.export.verify`) and the batch-1 latency, timed interleaved across the runtimes
-(:func:`slimcli.measure.interleaved_medians`). A runtime that is not installed, fails to load
-the model, or computes it beyond the tolerance is an :class:`ExportError`: ``slim export``
+:mod:`slimcli.export.verify`) and the batch-1 latency (median; one runtime after the other:
+interleaved, one runtime's spinning thread pool slows the next). A runtime that is not installed,
+fails to load the
+model, or computes it beyond the tolerance is an :class:`ExportError`: ``slim export``
 then writes nothing.
 """
 
@@ -66,7 +67,7 @@ class RuntimeCheck:
     max_abs_diff: float
     rel_diff: float  # max|runtime − torch| / max(1, max|torch|), over every check
     tolerance: float
-    latency_ms: float | None  # batch 1, median, interleaved with the other runtimes; None: not timed
+    latency_ms: float | None  # batch 1, median; None: not timed
     checked_on: str  # e.g. "random batch 1, 3; 16 test images"
     note: str = ""
 
@@ -182,6 +183,8 @@ class _NcnnRunner:
                 setattr(net.opt, opt, False)
         if threads:
             net.opt.num_threads = threads
+        if hasattr(net.opt, "openmp_blocktime"):
+            net.opt.openmp_blocktime = 0  # no spin-wait after a run: it starves whatever runs next
         if net.load_param(str(param)) != 0 or net.load_model(str(binary)) != 0:
             raise ExportError("ncnn could not load the model pnnx converted")
         self.net = net
@@ -303,15 +306,16 @@ def check_runtimes(
             results[name] = (worst, note)
         if latency_runs > 0:
             one = np.ascontiguousarray(inputs[0][1][:1].numpy())
-            latency = interleaved_medians(
-                {n: (lambda r=r: r(one)) for n, r in runs.items()}, latency_runs, warmup_runs
-            )
+            # one runtime at a time: interleaved, one runtime's spinning thread pool starves the next
+            # (measured: ncnn 0.3 → 24 ms after onnxruntime on two cores)
+            for n, r in runs.items():
+                latency.update(interleaved_medians({n: lambda r=r: r(one)}, latency_runs, warmup_runs))
     checks = tuple(
         RuntimeCheck(
             runtime=n, version=runtime_version(n) or "?", max_abs_diff=results[n][0],
             rel_diff=results[n][0] / scale, tolerance=tolerance, latency_ms=latency.get(n),
             checked_on=checked_on if n != "ncnn" else checked_on + " (image by image)",
-            note="f32 (INFERENCE_PRECISION_HINT)" if n == "openvino" else results[n][1],
+            note="f32 hint" if n == "openvino" else results[n][1],
         )
         for n in names
     )
