@@ -344,6 +344,8 @@ def prune_checkpoint(
         check_onnx_destination(onnx_path)
     size = source.stat().st_size if source.is_file() else 0
     ensure_folder(target.parent, needed=size, create=False)  # the same rule as --export's folder
+    if onnx_path is not None:  # a full disk too, before any work
+        ensure_folder(onnx_path.parent, needed=size, create=False, option="--export")
 
     ckpt = load_checkpoint(source)
     check_finite(ckpt, "prune")

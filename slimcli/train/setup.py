@@ -83,6 +83,7 @@ def _resumed_config(config: TrainConfig) -> tuple[TrainConfig, Path, Any, tuple[
     saved = dataclasses.replace(
         saved, resume=str(run_dir), out=str(run_dir), device=config.device, quiet=config.quiet,
         data_dir=config.data_dir or saved.data_dir, threads=config.threads or saved.threads,
+        workers=config.workers if config.workers is not None else saved.workers,
     )
     return saved.validate(), run_dir, ckpt, (tensors, smeta)
 
@@ -110,7 +111,13 @@ def prepare(config: TrainConfig) -> Run:
     dataset_spec = config.dataset or (source.meta.get("dataset") if source else None)
     if not dataset_spec:
         raise UsageError("the checkpoint records no dataset; pass --dataset")
-    dataset = create_dataset(str(DATASETS.parse(dataset_spec)))
+    try:
+        dataset = create_dataset(str(DATASETS.parse(dataset_spec)))
+    except UsageError as exc:
+        if config.dataset or source is None:
+            raise
+        raise CheckpointError(f"{source.path} records dataset {dataset_spec!r}, which slim cannot make "
+                              f"({exc}); pass --dataset") from None
     if source is not None and (
         dataset.num_classes != source.num_classes or tuple(dataset.input_shape) != source.input_shape
     ):
