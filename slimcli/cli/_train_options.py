@@ -8,6 +8,7 @@ Values are checked here (exit 2 with the option's name); :func:`run_training` bu
 from __future__ import annotations
 
 import math
+import os
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -116,7 +117,17 @@ ForceOpt = Annotated[bool, _opt("--force", help="Start a new run in an --out fol
 QuietOpt = Annotated[bool, _opt("--quiet", "-q", help="No live progress bar; one line per epoch on stderr.")]
 
 #: options that may accompany --resume (where to run, not what to run)
-RESUME_OK = {"resume", "device", "data_dir", "quiet", "ckpt", "threads"}
+DataOnDeviceOpt = Annotated[bool | None, _opt(
+    "--data-on-device/--no-data-on-device", show_default=False,
+    help="Keep the dataset on the device (fast path) or stream it through DataLoader workers "
+         "[default: stream only a dataset too large for the device, e.g. a big imagefolder].")]
+WorkersOpt = Annotated[int | None, _opt("--workers", min=0, show_default=False,
+                                        help="DataLoader worker processes per rank when streaming "
+                                             "[default: CPUs per rank − 1, at most 8].")]
+SyncBnOpt = Annotated[bool, _opt("--sync-bn/--no-sync-bn", help="Under torchrun: BatchNorm statistics over "
+                                 "the global batch (all ranks) instead of each rank's slice.")]
+
+RESUME_OK = {"resume", "device", "data_dir", "quiet", "ckpt", "threads", "workers"}
 
 
 def check_resume_alone(ctx: typer.Context, resume: Path | None) -> None:
@@ -132,7 +143,8 @@ def check_resume_alone(ctx: typer.Context, resume: Path | None) -> None:
         names = ", ".join(p.opts[0] if p.opts else p.name for p in given)  # type: ignore[misc]
         raise typer.BadParameter(
             f"--resume continues the run with its saved options; drop {names} "
-            f"(only --device, --threads, --data-dir and --quiet may change), or start a new run with --out",
+            f"(only --device, --threads, --workers, --data-dir and --quiet may change), "
+            f"or start a new run with --out",
             param_hint="--resume",
         )
 
@@ -153,9 +165,11 @@ def run_training(config: TrainConfig) -> TrainResult:
         result = train(config, make_reporter(err, config.quiet))
     except TrainingInterrupted as exc:
         text = str(exc)  # "interrupted in epoch …; state saved in …. Resume with: …"
-        err.print(text[:1].upper() + text[1:], markup=False, highlight=False)
+        if os.environ.get("RANK", "0") in ("", "0"):  # under torchrun: rank 0 speaks for all
+            err.print(text[:1].upper() + text[1:], markup=False, highlight=False)
         raise typer.Exit(exc.exit_code) from None
-    render_result(result)
+    if result.rank == 0:
+        render_result(result)
     return result
 
 

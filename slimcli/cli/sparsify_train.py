@@ -30,6 +30,9 @@ def sparsify_train(
     channels_last: o.ChannelsLastOpt = True,
     compile: o.CompileOpt = False,
     threads: o.ThreadsOpt = 0,
+    data_on_device: o.DataOnDeviceOpt = None,
+    workers: o.WorkersOpt = None,
+    sync_bn: o.SyncBnOpt = False,
     data_dir: o.DataDirOpt = None,
     out: o.OutOpt = None,
     resume: o.ResumeOpt = None,
@@ -51,6 +54,7 @@ def sparsify_train(
         batch_size=batch_size, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
         milestones=parse_milestones(milestones), gamma_init=gamma_init, seed=seed, device=device,
         amp=amp.value, channels_last=channels_last, compile=compile, threads=threads,
+        data_on_device=data_on_device, workers=workers, sync_bn=sync_bn,
         data_dir=str(data_dir) if data_dir else None, out=str(out) if out else None,
         resume=str(resume) if resume else None, quiet=quiet, force=force, stage="sparsify",
     )

@@ -47,6 +47,13 @@ class TrainConfig:
     compile: bool = False
     #: CPU threads; 0 = time a few passes at torch's default, half of it and 1, keep the fastest
     threads: int = 0
+    #: keep the dataset on the device (True), stream it through DataLoader workers (False), or
+    #: ask the dataset (None: it streams when it declares itself too large for the device)
+    data_on_device: bool | None = None
+    #: DataLoader worker processes per rank when streaming (None: the node's CPUs / ranks − 1, ≤ 8)
+    workers: int | None = None
+    #: under torchrun: BatchNorm statistics over the global batch instead of each rank's slice
+    sync_bn: bool = False
     data_dir: str | None = None
     out: str | None = None
     resume: str | None = None
@@ -70,6 +77,8 @@ class TrainConfig:
             raise UsageError(f"--epochs must be >= 0, got {self.epochs}")
         if self.threads < 0:
             raise UsageError(f"--threads must be >= 0 (0 = pick automatically), got {self.threads}")
+        if self.workers is not None and self.workers < 0:
+            raise UsageError(f"--workers must be >= 0 (0 = read in the training process), got {self.workers}")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
         if not 0 <= self.momentum < 1:
