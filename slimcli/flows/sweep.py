@@ -31,7 +31,7 @@ from typing import Any
 from slimcli._fs import atomic_write_bytes
 from slimcli.checkpoint import Checkpoint, check_finite, ensure_folder, load_checkpoint, save_checkpoint
 from slimcli.data import create_dataset, no_downloads
-from slimcli.errors import DataError, SlimError, UsageError
+from slimcli.errors import CheckpointError, DataError, SlimError, UsageError
 from slimcli.export import latest_accuracy
 from slimcli.flows.prune import DEFAULT_RECALIBRATION, prune_loaded, pruned_meta
 from slimcli.measure import measure
@@ -277,7 +277,11 @@ def run_sweep(
 
 def _data_for(ckpt: Checkpoint, settings: SweepSettings, data_dir: Any) -> tuple[Any, Any, str | None]:
     """(test images and labels, recalibration images or None, note) for one checkpoint."""
-    dataset = create_dataset(str(ckpt.meta["dataset"]))
+    try:
+        dataset = create_dataset(str(ckpt.meta["dataset"]))
+    except UsageError as exc:  # the checkpoint's record, not the command line, is wrong
+        raise CheckpointError(f"{ckpt.path} records dataset {ckpt.meta['dataset']!r}, which slim cannot "
+                              f"make ({exc})") from None
     root = Path(data_dir) if data_dir else None
     with no_downloads():
         test = dataset.load("test", root)
