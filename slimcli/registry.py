@@ -350,7 +350,8 @@ class Registry:
 
 
 PENALTIES = Registry("penalty", "slim.penalties", "slimcli.penalties")
-ARCHS = Registry("arch", "slim.archs", "slimcli.archs", file_loader="slimcli.archs.userfile:load_file_arch")
+ARCHS = Registry("arch", "slim.archs", "slimcli.archs",
+                 file_loader="slimcli.archs._userfile:load_file_arch")
 DATASETS = Registry("dataset", "slim.datasets", "slimcli.data")
 REGISTRIES = {"penalties": PENALTIES, "archs": ARCHS, "datasets": DATASETS}
 

@@ -19,8 +19,7 @@ import typer
 from _helpers import run_cli
 from torch import nn
 
-from slimcli.archs import create_arch
-from slimcli.archs.userfile import arch_spec
+from slimcli.archs import arch_spec, create_arch
 from slimcli.checkpoint import load_checkpoint, save_checkpoint
 from slimcli.errors import CheckpointError, PluginError, UsageError
 from slimcli.measure import measure

@@ -13,7 +13,7 @@ and third-party architecture follows (and ``tests/test_archs.py`` checks):
   adaptive global average pool, so parameter counts do not depend on the image size.
 
 The public entry point is :func:`create_arch`; it also builds a user's own model from a file
-spec ``PATH.py:OBJECT[:k=v,…]`` or from the class or factory itself (:mod:`slimcli.archs.userfile`).
+spec ``PATH.py:OBJECT[:k=v,…]`` or from the class or factory itself (:mod:`slimcli.archs._userfile`).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def create_arch(
 
     ``spec`` is a spec string — a registered arch ``NAME[:k=v,…]`` (``vgg19:width=0.5``) or a
     user file ``PATH.py:OBJECT[:k=v,…]`` — or a user's ``nn.Module`` class or factory function
-    itself (see :mod:`slimcli.archs.userfile` for the constructor convention). ``options``
+    itself (see :mod:`slimcli.archs._userfile` for the constructor convention). ``options``
     override the spec string's (or are the callable's options), checked the same way.
     """
     if isinstance(spec, (str, Spec)):
@@ -107,7 +107,7 @@ def create_arch(
         name, build, values = parsed.name, parsed.info.cls, parsed.options
         shown = str(parsed)
     else:
-        from slimcli.archs.userfile import from_callable  # user code: see docs/architectures.md
+        from slimcli.archs._userfile import from_callable  # user code: see docs/architectures.md
 
         build = from_callable(spec)
         name, values = build.label, build.validate(options)
@@ -126,8 +126,17 @@ def create_arch(
                         f"(slim list archs)") from None
 
 
+def arch_spec(factory: Callable[..., nn.Module], **options: Any) -> str:
+    """The canonical spec (``/abs/FILE.py:NAME[:k=v,…],sha256=…``) of a class or function defined
+    at the top level of a ``.py`` file, e.g. for ``TrainConfig(arch=arch_spec(Net, width=8))``."""
+    from slimcli.archs._userfile import arch_spec as spec_of
+
+    return spec_of(factory, **options)
+
+
 __all__ = [
     "GAMMA_INIT",
+    "arch_spec",
     "check_input_shape",
     "check_num_classes",
     "create_arch",
