@@ -459,6 +459,10 @@ def test_cli_import_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert_same(ref, slim_of(Path(doc["out"])))
     code, out, _ = cli(capsys, str(src), "-o", str(tmp_path / "t.safetensors"))
     assert code == 0 and "channel selections carried over" in out
+    code, _, err = cli(capsys, str(src), "-o", str(tmp_path / "t.safetensors"))  # never replaced silently
+    assert code == 2 and "--force" in one_error(err)
+    code, _, _ = cli(capsys, str(src), "-o", str(tmp_path / "t.safetensors"), "--force")
+    assert code == 0
 
 
 def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

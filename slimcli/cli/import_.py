@@ -67,6 +67,8 @@ def import_(
     stage: Annotated[str | None, typer.Option(
         "--stage", callback=_stage, show_default=False,
         help="Stage to record: sparsify, pruned or finetuned [default: from the file's layout].")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace an existing --out checkpoint.")] = False,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the result as one JSON document on stdout (nothing else).")] = False,
 ) -> None:
@@ -80,7 +82,7 @@ def import_(
     from slimcli.flows.importref import import_reference
 
     result = import_reference(source, arch, out_path, dataset=dataset, stage=stage,
-                              log=None if as_json else err.print)
+                              force=force, log=None if as_json else err.print)
     if as_json:
         typer.echo(json.dumps(result.as_dict(), ensure_ascii=False))
         return

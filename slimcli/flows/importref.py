@@ -461,12 +461,15 @@ def default_out(path: str | os.PathLike[str]) -> Path:
     return p.with_name(stem + SUFFIX)
 
 
-def _check_out(source: Path, out: Path) -> None:
+def _check_out(source: Path, out: Path, force: bool = False) -> None:
     if not out.name.endswith(SUFFIX) or out.name.endswith(STATE_SUFFIX):
         raise UsageError(f"--out must be a checkpoint file ending in {SUFFIX} (not {STATE_SUFFIX}), "
                          f"got {out}; e.g. {default_out(source)}")
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder; give a file name ending in {SUFFIX}")
+    if out.exists() and not force:
+        raise UsageError(f"{out} already exists (an earlier import?); pass --force to replace it, or choose "
+                         f"another --out")
 
 
 def _dataset(spec: str | None, num_classes: int, where: str) -> Any:
@@ -491,6 +494,7 @@ def import_reference(
     dataset: str | None = None,
     stage: str | None = None,
     command: str | None = None,
+    force: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> ImportResult:
     """Convert a reference ``.pth.tar`` into a slim checkpoint at ``out`` (default :func:`default_out`).
@@ -501,12 +505,12 @@ def import_reference(
     prune script and ``finetuned`` for a pruned model trained further (``main.py --refine``).
     The normalisation recorded is the reference code's CIFAR one
     (:data:`REFERENCE_NORMALIZATION`). ``command`` goes into the lineage, whose parent is the
-    sha256 of the ``.pth.tar`` file.
+    sha256 of the ``.pth.tar`` file. An existing ``out`` is replaced only with ``force``.
     """
     say = log or (lambda _msg: None)
     source = Path(path)
     target = Path(out) if out is not None else default_out(source)
-    _check_out(source, target)
+    _check_out(source, target, force)
     if stage is not None and stage not in STAGES:
         raise UsageError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     ref = read_reference(source)
