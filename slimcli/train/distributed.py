@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -76,6 +77,13 @@ class Dist:
         if self.enabled:
             dist.barrier()
 
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm running statistics) on every rank. DDP broadcasts them before
+        each forward, so after an epoch's last step each rank still holds its own update."""
+        if self.enabled:
+            for b in model.buffers():
+                dist.broadcast(b, src=0)
+
     def check_identical(self, model: nn.Module) -> str:
         """sha256 of ``model``'s parameters and buffers, checked equal on every rank (else an error)."""
         digest = state_digest(model)
@@ -101,7 +109,7 @@ def state_digest(model: nn.Module) -> str:
     for name, t in model.state_dict().items():
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -198,7 +206,10 @@ def wrap(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [device.index] if device.type == "cuda" else None
-    return DDP(model, device_ids=ids, broadcast_buffers=True)
+    # rank 0's BatchNorm running statistics are broadcast at every forward (identical checkpoints)
+    params = inspect.signature(DDP.__init__).parameters
+    sync = {"forward_sync_buffers": True} if "forward_sync_buffers" in params else {"broadcast_buffers": True}
+    return DDP(model, device_ids=ids, **sync)
 
 
 __all__ = [

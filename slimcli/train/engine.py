@@ -277,7 +277,8 @@ def _train(config: TrainConfig, reporter: Reporter | None, d: Dist) -> TrainResu
                                                   "images_per_s": seen_here * d.world / (now - t0),
                                                   "frac_below_1e-2": gamma_fractions(gammas)[0]})
                         last_report = now
-                if d.enabled:  # the epoch's figures over all ranks
+                if d.enabled:  # the epoch's figures over all ranks; rank 0's BN statistics everywhere
+                    d.sync_buffers(model)
                     total = d.sum_(torch.cat([sums, sums.new_tensor([seen])]))
                     sums, seen = total[:2], int(total[2].item())
                 loss_sum, correct = sums.tolist()
