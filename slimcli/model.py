@@ -22,9 +22,10 @@ from torch import Tensor, nn
 from slimcli.archs import create_arch
 from slimcli.checkpoint import Checkpoint
 from slimcli.data import create_dataset, no_downloads
-from slimcli.errors import CheckpointError, DataError, UsageError
+from slimcli.errors import CheckpointError, DataError, PruneError, UsageError
 from slimcli.prune import apply_widths
 from slimcli.prune.recalibrate import recalibrate_batchnorm
+from slimcli.prune.surgery import decode_keep
 from slimcli.registry import ARCHS, is_file_spec
 
 EVAL_BATCH = 1000
@@ -75,7 +76,14 @@ def build_model(ckpt: Checkpoint) -> nn.Module:
         narrower |= int(kept) < full
     if narrower:
         shape = tuple(int(d) for d in ckpt.meta["input_shape"])
-        rebuilt = apply_widths(model, {k: int(v) for k, v in widths.items()}, input_shape=shape)
+        coupling = str(ckpt.meta.get("coupling") or "select")  # before coupled groups: one BN at a time
+        keep = ckpt.meta.get("keep")
+        try:
+            masks = decode_keep(keep) if isinstance(keep, dict) else None
+            rebuilt = apply_widths(model, {k: int(v) for k, v in widths.items()}, input_shape=shape,
+                                   keep=masks, coupling=coupling)
+        except PruneError as exc:
+            raise CheckpointError(f"cannot rebuild the slim structure of checkpoint{where}: {exc}") from None
         model = rebuilt if isinstance(rebuilt, nn.Module) else model
 
     expected = model.state_dict()

@@ -695,7 +695,8 @@ def check_arch_prune(
         _expect(ok, f"{at}: the slim model's output differs from the masked dense model's (pruned γ and β "
                     f"zeroed) by up to {diff:.3g} (allowed: 1e-5 + 1e-5·|output|)")
         fresh = create_arch(spec, num_classes=_CLASSES, input_shape=shape).double()
-        rebuilt = apply_widths(fresh, plan.widths, input_shape=shape)
+        rebuilt = apply_widths(fresh, plan.widths, input_shape=shape, keep=report.keep,
+                               coupling=plan.coupling)
         _expect(count_params(rebuilt) == count_params(slim) == report.params_after,
                 f"{at}: the model rebuilt from the widths has {count_params(rebuilt)} parameters, the slim "
                 f"model {count_params(slim)} (report: {report.params_after})")

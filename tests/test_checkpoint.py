@@ -481,7 +481,9 @@ def test_build_model_applies_narrower_widths(
     """Widths narrower than the dense arch go through slimcli.prune.apply_widths before loading."""
     seen: list[dict[str, int]] = []
 
-    def apply_widths(model: TinyNet, widths: dict[str, int], input_shape: tuple[int, ...]) -> TinyNet:
+    def apply_widths(
+        model: TinyNet, widths: dict[str, int], input_shape: tuple[int, ...], **_: object
+    ) -> TinyNet:
         assert input_shape == (1, 8, 8)
         seen.append(widths)
         k = widths["bn"]

@@ -310,18 +310,18 @@ def test_human_output_reads_in_100_columns(tmp_path: Path, capsys: pytest.Captur
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from slimcli.cli._common import out
 
-    spec = "resnet56:depth=20"  # has not-prunable BatchNorms (they feed residual sums)
+    spec = "resnet56:depth=20"  # with --coupling select: BNs that feed residual sums are not prunable
     path = _save(tmp_path / "r.safetensors", _random_gammas(create_arch(spec, 10, SHAPE)), spec)
     monkeypatch.setattr(out, "_width", 100)  # restored to "auto" afterwards
-    code, stdout, stderr = run_cli(["inspect", str(path), "--ratio", "0.6"], capsys)
+    code, stdout, stderr = run_cli(["inspect", str(path), "--ratio", "0.6", "--coupling", "select"], capsys)
     assert code == 0, stderr
     assert "Traceback" not in stderr
     lines = stdout.splitlines()
     assert max(len(line) for line in lines) <= 100
-    doc = inspect_checkpoint(path, ratio=0.6)
+    doc = inspect_checkpoint(path, ratio=0.6, coupling="select")
     for text in (doc["sha256"], "resnet56", "scad:a=3.7", "lineage", "log10|γ|",
                  f"exact zeros: {doc['gamma']['zeros']}", "◀ threshold of ratio 0.6", "what-if",
-                 "not prunable", "its output feeds a residual sum",
+                 "not prunable", "tied to",
                  f"(exact bound: {doc['safe_below']:.6g}, safe_below in --json)"):
         assert text in stdout, text
     bars = [line for line in lines if "█" in line]

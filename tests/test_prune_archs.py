@@ -30,8 +30,8 @@ def build(spec: str, seed: int = 0, gammas: str = "rand") -> nn.Module:
     torch.manual_seed(seed)
     model = randomize_batchnorms(create_arch(spec, 10, SHAPE).double().eval(), seed)
     g = torch.Generator().manual_seed(seed)
-    if gammas == "emptying":  # the first prunable BN's |γ| are all far below everyone else's
-        first = next(n for n, b in prunable_bns(model).items() if b.prunable)
+    if gammas == "emptying":  # the first BN that prunes alone: its |γ| far below everyone else's
+        first = next(n for n, b in prunable_bns(model, coupling="select").items() if b.prunable)
         with torch.no_grad():
             bn = model.get_submodule(first)
             bn.weight.copy_(torch.rand(bn.num_features, generator=g) * 1e-6)
@@ -63,8 +63,8 @@ def test_slim_equals_masked_dense_and_rebuilds_from_widths(spec: str, ratio: flo
 def test_an_emptied_layer_keeps_its_strongest_channel(spec: str) -> None:
     model = build(spec, gammas="emptying")
     with pytest.raises(PruneError, match=model.emptied_bn.replace(".", r"\.")):
-        compute_keep(model, "ratio", 0.3, min_channels=0)
-    plan = compute_keep(model, "ratio", 0.3)
+        compute_keep(model, "ratio", 0.3, min_channels=0, coupling="select")
+    plan = compute_keep(model, "ratio", 0.3, coupling="select")
     assert plan.min_channels_bit[model.emptied_bn] == (0, 1)
     slim, report = prune_model(model, plan)
     assert report.widths[model.emptied_bn] == 1
@@ -104,13 +104,18 @@ def test_preactivation_resnet_and_densenet_keep_their_trunk() -> None:
             assert slim.get_submodule(name).out_channels == model.get_submodule(name).out_channels, name
 
 
-def test_post_activation_resnet56_residual_bns_are_reported() -> None:
-    bns = prunable_bns(build("resnet56:depth=8"))
-    for name, b in bns.items():
+def test_post_activation_resnet56_residual_bns_form_groups() -> None:
+    model = build("resnet56:depth=8")
+    alone = prunable_bns(model, coupling="select")  # each BN alone: the residual ones cannot shrink
+    for name, b in alone.items():
         if name.endswith("bn2") or name == "bn1":
             assert not b.prunable and "residual sum" in b.reason, name
         else:
             assert b.prunable and b.producer == name.replace("bn", "conv"), name
+    joint = prunable_bns(model)  # --coupling auto: the residual BNs of a stage are pruned together
+    for name, b in joint.items():
+        assert b.prunable, name
+        assert (b.group is not None) == (name.endswith("bn2") or name == "bn1"), name
 
 
 @pytest.mark.parametrize("spec", SPECS)

@@ -13,9 +13,9 @@ from slimcli.prune import prunable_bns
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def bns_of(name: str):
+def bns_of(name: str, coupling: str = "auto"):
     ctor, shape = TOYS[name]
-    return prunable_bns(ctor(), shape)
+    return prunable_bns(ctor(), shape, coupling=coupling)
 
 
 def test_vgg_chain_narrows_producers_and_consumers() -> None:
@@ -57,12 +57,17 @@ def test_densenet_bns_read_concatenations() -> None:
     assert bns["trans1.bn"].consumers == ("trans1.conv",)
 
 
-def test_postactivation_bn_feeding_an_add_is_not_prunable() -> None:
+def test_postactivation_bns_feeding_an_add_form_a_group() -> None:
     bns = bns_of("postact")
-    assert bns["bn1"].prunable and bns["bn1"].producer == "conv1"
+    assert bns["bn1"].prunable and bns["bn1"].producer == "conv1" and bns["bn1"].group is None
     for name in ("bn", "bn2"):  # the stem BN's ReLU output is the first residual
-        assert not bns[name].prunable
-        assert "residual sum" in bns[name].reason
+        assert bns[name].prunable and bns[name].group == "bn" and not bns[name].needs_selection
+    # --coupling select: each BN alone, so the two summands cannot shrink
+    alone = bns_of("postact", "select")
+    assert alone["bn1"].prunable
+    for name in ("bn", "bn2"):
+        assert not alone[name].prunable
+        assert "residual sum" in alone[name].reason and "--coupling" in alone[name].reason
 
 
 def test_bn_reading_the_network_input() -> None:
@@ -81,10 +86,11 @@ def test_conv_feeding_two_bns_gives_each_a_selection() -> None:
 def test_refused_patterns_name_the_reason() -> None:
     bns = bns_of("awkward")
     assert not bns["bn_sig"].prunable and "sigmoid" in bns["bn_sig"].reason
-    assert not bns["bn_grp"].prunable and "grouped conv" in bns["bn_grp"].reason
     assert not bns["bn_out"].prunable and "model output" in bns["bn_out"].reason
-    # a depthwise producer cannot be narrowed: the BN after it gets a selection instead
-    assert bns["bn_dw"].prunable and bns["bn_dw"].needs_selection
+    # a depthwise conv ties its input and output channels: the BNs on both sides go together
+    assert bns["bn_grp"].prunable and bns["bn_dw"].prunable
+    assert bns["bn_grp"].group == bns["bn_dw"].group == "bn_grp"
+    assert not bns["bn_dw"].needs_selection
 
 
 def test_shared_relu_module_is_fine_but_shared_weights_are_not() -> None:
@@ -99,7 +105,7 @@ def test_shared_relu_module_is_fine_but_shared_weights_are_not() -> None:
             return self.conv(self.conv(torch.relu(self.bn(self.conv0(x)))))
 
     b = prunable_bns(SharedConv(), (3, 4, 4))["bn"]
-    assert not b.prunable and "called more than once" in b.reason
+    assert not b.prunable and "called 2 times" in b.reason
     # PreActResNet calls one self.relu three times per block
     assert all(b.prunable for b in prunable_bns(PreActResNet(), (3, 8, 8)).values())
 
@@ -134,12 +140,12 @@ def test_hard_coded_reshape_is_recognised_and_other_reshapes_refused() -> None:
             x = torch.relu(self.bn(self.conv(x)))
             if self.hard:
                 return self.fc(x.view(-1, 16))  # a flatten with the size baked in
-            return self.fc(x.view(x.size(0), 4, 4).sum(1))  # mixes channels: not a flatten
+            return self.fc(x.view(x.size(0), 4, 4).sum(1))  # a sum over the channels
 
     hard = prunable_bns(M(True), (3, 2, 2))["bn"]
     assert hard.prunable and hard.consumers == ("fc",)
     mixed = prunable_bns(M(False), (3, 2, 2))["bn"]
-    assert not mixed.prunable and "view" in mixed.reason
+    assert not mixed.prunable and ".sum()" in mixed.reason
 
 
 def test_analysis_does_not_touch_the_model() -> None:

@@ -329,7 +329,7 @@ def test_model_without_prunable_bns_is_a_prune_error() -> None:
     only_bad = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
     with pytest.raises(PruneError, match="model output"):
         compute_keep(only_bad, "ratio", 0.5, input_shape=(3, 2, 2))
-    assert set(compute_keep(model, "ratio", 0.5, input_shape=shape).masks) == {"bn_dw"}
+    assert set(compute_keep(model, "ratio", 0.5, input_shape=shape).masks) == {"bn_grp", "bn_dw"}
 
 
 def test_nan_gamma_is_an_error_naming_the_layer() -> None:

@@ -138,8 +138,10 @@ def test_training_mode_devices_and_grad_flags_are_kept() -> None:
 
 def test_mask_validation_errors() -> None:
     model, shape, _ = setup("postact")
-    with pytest.raises(PruneError, match="residual sum"):
+    with pytest.raises(PruneError, match="coupled"):  # bn2's channels are summed with bn's
         prune_model(model, {"bn2": torch.tensor([True] * 7 + [False])}, input_shape=shape)
+    with pytest.raises(PruneError, match="residual sum"):
+        prune_model(model, {"bn2": torch.tensor([True] * 7 + [False])}, input_shape=shape, coupling="select")
     with pytest.raises(PruneError, match="every channel of bn1"):
         prune_model(model, {"bn1": torch.zeros(6, dtype=torch.bool)}, input_shape=shape)
     with pytest.raises(PruneError, match="has 6 channels"):
@@ -148,6 +150,9 @@ def test_mask_validation_errors() -> None:
         prune_model(model, {"fc": torch.ones(3, dtype=torch.bool)}, input_shape=shape)
     # an all-True mask on a non-prunable BN is allowed (nothing changes)
     _, report = prune_model(model, {"bn2": torch.ones(8, dtype=torch.bool)}, input_shape=shape)
+    assert report.widths == {"bn": 8, "bn1": 6, "bn2": 8} and report.params_after == report.params_before
+    full = {"bn2": torch.ones(8, dtype=torch.bool)}
+    _, report = prune_model(model, full, input_shape=shape, coupling="select")
     assert report.widths == {"bn1": 6} and report.params_after == report.params_before
 
 
@@ -182,7 +187,7 @@ def test_apply_widths_errors() -> None:
 
 def test_report_lists_every_bn() -> None:
     model, shape, _ = setup("postact")
-    _, report = prune_model(model, compute_keep(model, "ratio", 0.5, input_shape=shape))
+    _, report = prune_model(model, compute_keep(model, "ratio", 0.5, input_shape=shape, coupling="select"))
     rows = {r.name: r for r in report.layers}
     assert set(rows) == {"bn", "bn1", "bn2"}
     assert not rows["bn2"].prunable and rows["bn2"].kept == 8 and "residual" in rows["bn2"].reason

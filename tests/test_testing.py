@@ -320,6 +320,7 @@ def test_check_arch_prune_catches_a_slim_model_that_differs(
     monkeypatch.setattr(slimcli.testing, "prune_model", real_prune)
 
     def one_channel_more(model: nn.Module, widths: dict[str, int], **kwargs: Any) -> Any:
+        kwargs.pop("keep", None)  # the widths alone, first channels
         return real_widths(model, {n: min(w + 1, 8) for n, w in widths.items()}, **kwargs)
 
     monkeypatch.setattr(slimcli.testing, "apply_widths", one_channel_more)

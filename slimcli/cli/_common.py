@@ -73,3 +73,20 @@ def non_negative(value: float) -> float:
         raise typer.BadParameter(f"must be a number >= 0, got {value}")
     return value
 
+
+
+#: the values of --coupling (slimcli.prune.groups.COUPLINGS, kept here so --help imports no torch)
+COUPLINGS = ("auto", "joint", "select")
+COUPLING_HELP = (
+    "How BatchNorms whose channels are tied (residual sums, depthwise convs, products) are pruned: "
+    "auto = jointly as one group scored by its largest |γ|, with a channel selection in front of a "
+    "BN that reads a shared tensor (the paper's ResNet-164/DenseNet rule); joint = groups only, never "
+    "a selection; select = each BN alone (tied BNs stay whole). [default: auto; a pruned checkpoint "
+    "keeps the coupling it was pruned with]")
+
+
+def coupling_callback(value: str | None) -> str | None:
+    """Validate --coupling."""
+    if value is not None and value not in COUPLINGS:
+        raise typer.BadParameter(f"must be one of {', '.join(COUPLINGS)}, got {value!r}")
+    return value

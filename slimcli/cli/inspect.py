@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from slimcli._fs import atomic_write_bytes
-from slimcli.cli._common import err, library_check, out
+from slimcli.cli._common import COUPLING_HELP, coupling_callback, err, library_check, out
 from slimcli.cli.app import app
 from slimcli.errors import SlimError
 
@@ -396,6 +396,8 @@ def inspect(
     min_channels: Annotated[int, typer.Option(
         "--min-channels", callback=_min_channels,
         help="Channels every layer keeps at least, as slim prune does.")] = 1,
+    coupling: Annotated[str | None, typer.Option(
+        "--coupling", callback=coupling_callback, help=COUPLING_HELP, show_default=False)] = None,
     bins: Annotated[int, typer.Option("--bins", min=1, max=500, help="Bins of the log10|γ| histogram.")] = 20,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print everything as one JSON document on stdout (nothing else).")] = False,
@@ -411,7 +413,7 @@ def inspect(
         if not plot.parent.is_dir():
             raise SlimError(f"cannot write the plot: folder {plot.parent} does not exist; create it first")
     with err.status(f"inspecting {ckpt} …") as status:
-        doc = inspect_checkpoint(ckpt, ratio=ratio, min_channels=min_channels, bins=bins,
+        doc = inspect_checkpoint(ckpt, ratio=ratio, min_channels=min_channels, bins=bins, coupling=coupling,
                                  log=lambda msg: status.update(f"{msg} …"))
     if as_json:
         typer.echo(json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False))

@@ -12,7 +12,15 @@ from rich.columns import Columns
 from rich.markup import escape
 from rich.table import Table
 
-from slimcli.cli._common import device_callback, err, library_check, non_negative, out
+from slimcli.cli._common import (
+    COUPLING_HELP,
+    coupling_callback,
+    device_callback,
+    err,
+    library_check,
+    non_negative,
+    out,
+)
 from slimcli.cli.app import app
 
 if TYPE_CHECKING:
@@ -170,6 +178,8 @@ def prune(
              "only; 0: off). Skipped with a note when the dataset is not on disk.")] = 2048,
     seed: Annotated[int, typer.Option(
         "--seed", callback=non_negative, help="Seed that draws the recalibration images.")] = 0,
+    coupling: Annotated[str | None, typer.Option(
+        "--coupling", callback=coupling_callback, help=COUPLING_HELP, show_default=False)] = None,
     fold_shift: Annotated[bool, typer.Option(
         "--fold-shift",
         help="Fold the constant relu(β) of removed channels into the next layer's bias / BN running "
@@ -218,7 +228,7 @@ def prune(
     result = prune_checkpoint(
         ckpt, rule, value, min_channels, out_path, eval=eval_, export=export,
         data_dir=data_dir, device=device, fold_shift=fold_shift, recalibrate=recalibrate, seed=seed,
-        force=force, log=lambda msg: err.print(msg, markup=False, highlight=False),
+        force=force, coupling=coupling, log=lambda msg: err.print(msg, markup=False, highlight=False),
     )
     if as_json:
         typer.echo(json.dumps(result.as_dict(), ensure_ascii=False))

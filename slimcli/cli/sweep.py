@@ -8,7 +8,16 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from slimcli.cli._common import device_callback, err, library_check, non_negative, out, positive
+from slimcli.cli._common import (
+    COUPLING_HELP,
+    coupling_callback,
+    device_callback,
+    err,
+    library_check,
+    non_negative,
+    out,
+    positive,
+)
 from slimcli.cli.app import app
 
 if TYPE_CHECKING:
@@ -81,6 +90,8 @@ def sweep(
         "--min-channels", callback=_min_channels, show_default=False,
         help="Keep at least N channels per layer and sweep on [default: stop where a layer would "
              "empty, as the paper].")] = None,
+    coupling: Annotated[str | None, typer.Option(
+        "--coupling", callback=coupling_callback, help=COUPLING_HELP, show_default=False)] = None,
     fold_shift: Annotated[bool, typer.Option(
         "--fold-shift", help="Prune as slim prune --fold-shift.")] = False,
     seed: Annotated[int, typer.Option(
@@ -108,7 +119,7 @@ def sweep(
 
     settings = SweepSettings(recalibrate=recalibrate, finetune_epochs=finetune_epochs,
                              finetune_lr=finetune_lr, min_channels=min_channels, fold_shift=fold_shift,
-                             seed=seed)
+                             coupling=coupling, seed=seed)
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal)
     with bar:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from slimcli.checkpoint import Checkpoint, load_checkpoint
 from slimcli.errors import UsageError
+from slimcli.flows.prune import structure_coupling
 from slimcli.measure import measure
 from slimcli.model import build_model
 from slimcli.prune import (
@@ -125,7 +126,7 @@ def _layer_rows(model: nn.Module, bns: Mapping[str, BNInfo], threshold: float | 
         row: dict[str, Any] = {
             "name": name, "kind": info.kind, "channels": info.channels, "prunable": info.prunable,
             "reason": info.reason, "producer": info.producer,
-            "needs_selection": info.prunable and info.needs_selection,
+            "needs_selection": info.prunable and info.needs_selection, "group": info.group,
             "gamma_min": float(g.min()) if g is not None and g.numel() else None,
             "gamma_median": float(torch.quantile(g, 0.5)) if g is not None and g.numel() else None,
             "gamma_max": float(g.max()) if g is not None and g.numel() else None,
@@ -164,6 +165,7 @@ def inspect_checkpoint(
     bins: int = 20,
     ratios: Iterable[float] | None = None,
     log: Log | None = None,
+    coupling: str | None = None,
 ) -> dict[str, Any]:
     """Everything ``slim inspect`` shows, as a JSON-ready dict (keys in ``docs/inspect.md``).
 
@@ -179,14 +181,16 @@ def inspect_checkpoint(
     grid = [*(check_ratio(r, allow_zero=True) for r in (ratio_grid() if ratios is None else ratios)), ratio]
     ckpt = source if isinstance(source, Checkpoint) else load_checkpoint(source)
     shape = ckpt.input_shape
+    coupling = structure_coupling(ckpt, coupling)
     log("rebuilding the model")
     model = build_model(ckpt)
     log("measuring the model")
     dense = measure(model, shape)
     twin = fast_twin(model, shape, dense, log)
     log("analysing the graph")
-    bns = analyze(twin, shape).bns
-    scores = gamma_scores(model, bns)
+    bns = analyze(twin, shape, coupling=coupling).bns
+    raw = gamma_scores(model, bns, None)  # each channel's own |γ|: the distribution
+    scores = gamma_scores(model, bns)  # coupled groups scored as one: what the rule compares
     total = sum(s.numel() for s in scores.values())
 
     threshold: float | None = None
@@ -194,14 +198,14 @@ def inspect_checkpoint(
     bit: dict[str, tuple[int, int]] = {}
     emptied: list[str] = []
     if scores:
-        plan = compute_keep(model, "ratio", ratio, max(min_channels, 1), bns=bns)
+        plan = compute_keep(model, "ratio", ratio, max(min_channels, 1), bns=bns, coupling=coupling)
         threshold, bit, emptied = plan.threshold, dict(plan.min_channels_bit), list(plan.emptied)
         kept = plan.widths
         if min_channels == 0:  # no floor: an emptied layer keeps nothing (prune would refuse)
             kept.update(dict.fromkeys(emptied, 0))
             bit = {}
     rows, method = what_if(model, shape, grid, min_channels=min_channels, bns=bns,
-                           twin=twin, dense=dense, check_ratios=[ratio], log=log)
+                           twin=twin, dense=dense, check_ratios=[ratio], log=log, coupling=coupling)
     bound, first = safe_below(scores)
     under = sum(int((s <= threshold).sum()) for s in scores.values()) if threshold is not None else 0
     meta = {k: v for k, v in ckpt.meta.items() if k != "lineage"}
@@ -215,14 +219,14 @@ def inspect_checkpoint(
             "params": dense.params, "macs": dense.macs, "flops": dense.flops,
             "batchnorms": len(bns), "prunable_batchnorms": len(scores), "prunable_channels": total,
         },
-        "settings": {"ratio": ratio, "min_channels": min_channels, "bins": bins},
+        "settings": {"ratio": ratio, "min_channels": min_channels, "bins": bins, "coupling": coupling},
         "at_ratio": {
             "ratio": ratio, "threshold": threshold, "channels_total": total,
             "channels_under": under,
             "channels_kept": sum(kept.values()), "emptied": emptied,
             "min_channels_bit": {k: list(v) for k, v in bit.items()},
         },
-        "gamma": gamma_summary(scores, bins),
+        "gamma": gamma_summary(raw, bins),
         "layers": _layer_rows(model, bns, threshold, kept, bit, emptied),
         "what_if": [row.as_dict() for row in rows],
         "what_if_method": method,

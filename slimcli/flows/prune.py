@@ -43,7 +43,7 @@ from slimcli.model import CALIBRATION_BATCH, build_model, calibration_images, ev
 from slimcli.model import recalibrate as recalibrate_model
 from slimcli.prune.fold import fold_summary
 from slimcli.prune.rules import RULE_VALUES, KeepPlan, check_min_channels, check_rule, compute_keep
-from slimcli.prune.surgery import PruneReport, prune_model
+from slimcli.prune.surgery import PruneReport, encode_keep, prune_model
 from slimcli.train.device import resolve_device
 
 SUFFIX = ".safetensors"
@@ -179,6 +179,21 @@ class Pruned:
     recalibration: dict[str, Any] = field(default_factory=dict)
 
 
+def structure_coupling(ckpt: Checkpoint, coupling: str | None) -> str:
+    """The coupling to prune ``ckpt`` with: ``coupling`` (None: ``auto``), or a slim checkpoint's own.
+
+    A slim checkpoint's structure (selections or coupled groups) was built with one coupling;
+    re-pruning it with another would describe a structure no rebuild can reproduce.
+    """
+    if not ckpt.widths or "widths" not in ckpt.meta:
+        return coupling or "auto"
+    recorded = str(ckpt.meta.get("coupling") or "select")  # before coupled groups: one BN at a time
+    if coupling is not None and coupling != recorded:
+        raise PruneError(f"this checkpoint was pruned with --coupling {recorded}; re-prune it with "
+                         f"--coupling {recorded} (or prune its dense parent with --coupling {coupling})")
+    return recorded
+
+
 def prune_loaded(
     ckpt: Checkpoint,
     model: nn.Module,
@@ -196,6 +211,7 @@ def prune_loaded(
     test_data: tuple[Tensor, Tensor] | None = None,
     calibration: Tensor | None = None,
     dense: Measurement | None = None,
+    coupling: str | None = None,
 ) -> Pruned:
     """Prune ``model`` (the dense model ``ckpt`` describes, left untouched) and measure it.
 
@@ -210,7 +226,8 @@ def prune_loaded(
     if isinstance(recalibrate, bool) or not isinstance(recalibrate, int) or recalibrate < 0:
         raise UsageError(f"recalibrate must be an integer >= 0 (images; 0 = off), got {recalibrate!r}")
     shape = ckpt.input_shape
-    plan = compute_keep(model, rule, value, min_channels, input_shape=shape)
+    coupling = structure_coupling(ckpt, coupling)
+    plan = compute_keep(model, rule, value, min_channels, input_shape=shape, coupling=coupling)
     widest = max((m.numel() for m in plan.masks.values()), default=0)
     if widest and min_channels >= widest:
         raise PruneError(f"--min-channels {min_channels} keeps every channel: the widest prunable layer has "
@@ -284,6 +301,8 @@ def pruned_meta(ckpt: Checkpoint, pruned: Pruned, command: str | None = None) ->
         prune["loss_after_surgery"] = pruned.loss_surgery
     meta = {k: v for k, v in ckpt.meta.items() if k not in ("format", "version")}
     meta["widths"] = dict(report.widths)
+    meta["coupling"] = report.coupling
+    meta["keep"] = encode_keep(report.keep)
     meta["stage"] = "pruned"
     meta["prune"] = prune
     metrics = dict(meta.get("metrics") or {})
@@ -313,6 +332,7 @@ def prune_checkpoint(
     recalibrate: int = 0,
     seed: int = 0,
     force: bool = False,
+    coupling: str | None = None,
 ) -> PruneResult:
     """Prune the checkpoint at ``ckpt_path`` under ``rule`` and write the slim checkpoint.
 
@@ -356,7 +376,7 @@ def prune_checkpoint(
     say(f"pruning {source} ({ckpt.arch}, stage {ckpt.stage or '?'}) with {rule.replace('_', '-')} {value:g}")
     pruned = prune_loaded(ckpt, model, rule, value, min_channels, fold_shift=fold_shift,
                           recalibrate=recalibrate, seed=seed, eval=eval, device=device,
-                          data_dir=data_dir, log=say)
+                          data_dir=data_dir, log=say, coupling=coupling)
     slim = pruned.model
     meta = pruned_meta(ckpt, pruned, command)
 

@@ -76,6 +76,7 @@ class SweepSettings:
     min_channels: int | None = None  # None: stop where a layer would empty
     fold_shift: bool = False
     seed: int = 0
+    coupling: str | None = None  # None: auto (a slim checkpoint keeps its own)
 
     def validate(self) -> SweepSettings:
         for name in ("recalibrate", "finetune_epochs", "seed"):
@@ -91,6 +92,8 @@ class SweepSettings:
     def key(self) -> dict[str, Any]:
         key = {"recalibrate": self.recalibrate, "finetune_epochs": self.finetune_epochs,
                "min_channels": self.min_channels, "fold_shift": self.fold_shift, "seed": self.seed}
+        if self.coupling is not None:  # sweeps written before coupled groups keep their key
+            key["coupling"] = self.coupling
         if self.finetune_epochs:
             key["finetune_lr"] = self.finetune_lr
         return key
@@ -302,7 +305,8 @@ def _compute_cell(ckpt: Checkpoint, dense: Any, dense_cost: Any, label: str, rat
     pruned = prune_loaded(ckpt, dense, "ratio", ratio, floor, fold_shift=settings.fold_shift,
                           recalibrate=settings.recalibrate if calibration is not None else 0,
                           seed=settings.seed, eval=True, device=device, data_dir=data_dir,
-                          test_data=test_data, calibration=calibration, dense=dense_cost)
+                          test_data=test_data, calibration=calibration, dense=dense_cost,
+                          coupling=settings.coupling)
     emptied = list(pruned.plan.emptied)
     cell: dict[str, Any] = {
         "id": cid, "label": label, "sha256": ckpt.sha256, "ratio": ratio,

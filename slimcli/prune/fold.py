@@ -223,7 +223,12 @@ def fold_shifts(analysis: Analysis, keep: dict[str, Tensor]) -> list[ShiftFold]:
     shapes = {n: analysis.shapes[n.name] for n in gm.graph.nodes if n.name in analysis.shapes}
     folds: list[ShiftFold] = []
     for name, index in keep.items():
-        edit = analysis.edits[name]
+        edit = analysis.edits.get(name)
+        if edit is None:  # a coupled group: its channels go everywhere at once, nothing reads them
+            folds.append(ShiftFold(name, "", (), int(index.numel()), False,
+                                   "its channels are coupled with other layers (a group, a selection or a "
+                                   "partly frozen layer): their shifts are not folded"))
+            continue
         bn = modules[name]
         pruned = torch.ones(bn.num_features, dtype=torch.bool, device=bn.bias.device)
         pruned[index.to(bn.bias.device)] = False

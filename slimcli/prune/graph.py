@@ -35,6 +35,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from slimcli.errors import PruneError
+from slimcli.prune.groups import COUPLINGS, Flow, channel_flow, groups_of, is_plain_or_fused_bn
 from slimcli.prune.ops import (
     ADD,
     CAT,
@@ -69,12 +70,23 @@ class BNInfo:
     consumers: tuple[str, ...]
     needs_selection: bool
     reads: str
+    #: the first BatchNorm (graph order) of its coupled group; None when it prunes alone
+    group: str | None = None
+    #: per channel: the id of its coupled class (shared by every BN channel removed with it), or
+    #: -1 where the channel can never be removed (a frozen class); None: every channel is its own
+    classes: tuple[int, ...] | None = None
+
+    @property
+    def frozen_channels(self) -> int:
+        """Channels of a prunable BatchNorm that must stay (their class is tied to something fixed)."""
+        return sum(1 for c in self.classes if c < 0) if self.classes is not None else 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "kind": self.kind, "channels": self.channels, "prunable": self.prunable,
             "reason": self.reason, "producer": self.producer, "consumers": list(self.consumers),
-            "needs_selection": self.needs_selection, "reads": self.reads,
+            "needs_selection": self.needs_selection, "reads": self.reads, "group": self.group,
+            "frozen_channels": self.frozen_channels,
         }
 
 
@@ -99,6 +111,9 @@ class Analysis:
     edits: dict[str, Edit] = field(default_factory=dict)
     #: node name → tensor shape in the zero-input run (batch 2)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: the channel flow: ids, classes, selections (see :mod:`slimcli.prune.groups`)
+    flow: Flow | None = None
+    coupling: str = "auto"
 
     @property
     def prunable(self) -> dict[str, BNInfo]:
@@ -121,14 +136,17 @@ class Analysis:
                        [(nodes[c.name], k) for c, k in e.consumers], [nodes[f.name] for f in e.flattens])
             for name, e in self.edits.items()
         }
-        return Analysis(gm, self.input_shape, self.bns, edits, self.shapes)
+        flow = self.flow.remap(nodes) if self.flow is not None else None
+        return Analysis(gm, self.input_shape, self.bns, edits, self.shapes, flow, self.coupling)
 
 
 class SlimTracer(Tracer):
-    """The fx tracer of the pruning engine: channel selections stay single modules."""
+    """The fx tracer of the pruning engine: channel selections and BatchNorms stay single modules,
+    including BatchNorm subclasses with a built-in activation (timm's ``BatchNormAct2d``)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, ChannelSelection) or super().is_leaf_module(m, module_qualified_name)
+        return (isinstance(m, ChannelSelection) or is_plain_or_fused_bn(m)
+                or super().is_leaf_module(m, module_qualified_name))
 
 
 def trace(model: nn.Module) -> GraphModule:
@@ -225,7 +243,8 @@ def _find_producer(
         single = len(node.users) == 1
         if node.op == "call_module":
             m = modules[node.target]
-            if is_weight_layer(m):
+            depthwise = isinstance(m, _ConvNd) and not m.transposed and m.groups == m.in_channels > 1
+            if is_weight_layer(m) or depthwise:
                 out_ch = m.out_channels if isinstance(m, _ConvNd) else m.out_features
                 ok_shape = isinstance(m, _ConvNd) or len(shapes.get(node, ())) == 2
                 if single and counts[node.target] == 1 and out_ch == channels and ok_shape:
@@ -296,14 +315,35 @@ def _find_consumers(
     return consumers, flattens, None
 
 
-def analyze(model: nn.Module, input_shape: Sequence[int] | None = None) -> Analysis:
-    """Trace ``model`` and classify every BatchNorm (the GraphModule shares its modules)."""
+def _check_coupling(coupling: str) -> str:
+    if coupling not in COUPLINGS:
+        raise PruneError(f"coupling must be one of {', '.join(COUPLINGS)}, got {coupling!r}")
+    return coupling
+
+
+def analyze(
+    model: nn.Module, input_shape: Sequence[int] | None = None, *, coupling: str = "auto"
+) -> Analysis:
+    """Trace ``model`` and classify every BatchNorm (the GraphModule shares its modules).
+
+    ``coupling`` (``auto``, ``joint``, ``select``) says how BatchNorms whose channels are tied
+    together are pruned (:mod:`slimcli.prune.groups`).
+    """
+    coupling = _check_coupling(coupling)
     shape = resolve_input_shape(model, input_shape)
     gm = trace(model)
     shapes = record_shapes(gm, shape)
     modules = dict(gm.named_modules())
     counts = call_counts(gm)
-    analysis = Analysis(gm, shape, {}, shapes={n.name: s for n, s in shapes.items()})
+    flow = channel_flow(gm, shapes, counts, coupling)
+    table = flow.root_table()
+    members: dict[int, list[str]] = {}
+    for name, (_node, ids) in flow.bns.items():
+        for r in set(table[ids].tolist()):
+            members.setdefault(r, []).append(name)
+    group = groups_of(flow, flow.bns)
+    analysis = Analysis(gm, shape, {}, shapes={n.name: s for n, s in shapes.items()}, flow=flow,
+                        coupling=coupling)
     seen: set[str] = set()
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(modules[node.target], _BatchNorm):
@@ -314,38 +354,69 @@ def analyze(model: nn.Module, input_shape: Sequence[int] | None = None) -> Analy
         seen.add(name)
         bn = modules[name]
         producer, selection, reads = _find_producer(node, modules, counts, shapes)
-        consumers, flattens, reason = _find_consumers(node, modules, counts, shapes)
+        consumers, flattens, simple_reason = _find_consumers(node, modules, counts, shapes)
+        classes: tuple[int, ...] | None = None
+        reason: str | None = None
         if counts[name] > 1:
             reason = f"it is called {counts[name]} times in forward"
         elif not bn.affine:
             reason = "it has no scale γ (affine=False)"
         elif len(shapes.get(node, ())) < 2:
             reason = "its output has no channel dimension"
+        elif name not in flow.bns:
+            reason = "slim cannot follow its channels through the graph"
+        else:
+            roots = table[flow.bns[name][1]].tolist()
+            why: dict[int, str] = {}
+            for r in set(roots):
+                if coupling == "select" and len(members[r]) > 1:
+                    other = next(m for m in members[r] if m != name)
+                    tie = flow.ties.get(r, "an op that combines them")
+                    why[r] = (f"its channels are tied to '{other}' by {tie} (--coupling auto or joint prunes "
+                              f"them together)")
+                elif r in flow.frozen:
+                    why[r] = flow.frozen[r]
+            if all(r in why for r in roots):  # a tie to another BN explains more than a frozen channel
+                reason = next((why[r] for r in roots if "tied to" in why[r]), why[roots[0]])
+            else:
+                classes = tuple(-1 if r in why else r for r in roots)
+        in_group = classes is not None and any(len(members[r]) > 1 for r in set(classes) if r >= 0)
         analysis.bns[name] = BNInfo(
             name=name,
             kind=type(bn).__name__,
             channels=bn.num_features,
             prunable=reason is None,
             reason=reason,
-            producer=producer.target if producer is not None else None,
-            consumers=tuple(c.target for c, _ in consumers) if reason is None else (),
-            needs_selection=producer is None,
+            producer=producer.target if producer is not None and name not in flow.selected else None,
+            consumers=tuple(c.target for c, _ in consumers) if reason is None and simple_reason is None
+            else (),
+            needs_selection=name in flow.selected or selection is not None,
             reads=reads,
+            group=group.get(name) if in_group else None,
+            classes=classes,
         )
-        if reason is None:
+        simple = reason is None and simple_reason is None and not in_group and -1 not in (classes or ())
+        if simple:  # the shift folding follows these edits (one BN, channel-wise ops to consumers)
             analysis.edits[name] = Edit(node, producer, selection, consumers, flattens)
-    # BatchNorms the forward never calls: listed (for reports) but never touched
+    # BatchNorms the forward never calls as modules: listed (for reports) but never touched
     for name, m in model.named_modules():
         if isinstance(m, _BatchNorm) and name not in analysis.bns and name:
-            analysis.bns[name] = BNInfo(name, type(m).__name__, m.num_features, False,
-                                        "it is never called in forward", None, (), False, "nothing")
+            why = "it is never called in forward"
+            if not is_plain_or_fused_bn(m):
+                why = (f"its class {type(m).__name__} overrides forward (slim sees only the functional "
+                       f"batch_norm inside it; a subclass with an `act` module is treated as BatchNorm + "
+                       f"activation)")
+            analysis.bns[name] = BNInfo(name, type(m).__name__, m.num_features, False, why, None, (), False,
+                                        "nothing")
     return analysis
 
 
-def prunable_bns(model: nn.Module, example_input_shape: Sequence[int] | None = None) -> dict[str, BNInfo]:
+def prunable_bns(
+    model: nn.Module, example_input_shape: Sequence[int] | None = None, *, coupling: str = "auto"
+) -> dict[str, BNInfo]:
     """Every BatchNorm of ``model`` (in graph order) with whether and how it can be pruned.
 
     ``example_input_shape`` is one sample's shape, e.g. ``(3, 32, 32)``; it defaults to the
     model's ``input_shape`` attribute.
     """
-    return analyze(model, example_input_shape).bns
+    return analyze(model, example_input_shape, coupling=coupling).bns

@@ -123,6 +123,8 @@ class KeepPlan:
     input_shape: tuple[int, ...] | None = None
     #: for target rules: the kept fraction of params / FLOPs that was reached
     achieved: float | None = None
+    #: how coupled channels are pruned (see :mod:`slimcli.prune.groups`)
+    coupling: str = "auto"
 
     @property
     def widths(self) -> dict[str, int]:
@@ -155,14 +157,26 @@ class KeepPlan:
             "channels_pruned_ratio": self.ratio,
             "min_channels_bit": {k: list(v) for k, v in self.min_channels_bit.items()},
             "emptied_by_rule": list(self.emptied),
+            "coupling": self.coupling,
         }
         if self.achieved is not None:
             out["achieved"] = self.achieved
         return out
 
 
-def gamma_scores(model: nn.Module, bns: Mapping[str, BNInfo]) -> dict[str, Tensor]:
-    """|γ| (float64, CPU) of every prunable BatchNorm in ``bns``; a NaN γ is an error, not a score."""
+def gamma_scores(
+    model: nn.Module, bns: Mapping[str, BNInfo], group_score: str | None = "max"
+) -> dict[str, Tensor]:
+    """|γ| (float64, CPU) of every prunable BatchNorm in ``bns``; a NaN γ is an error, not a score.
+
+    A channel coupled with channels of other BatchNorms (one class of
+    :mod:`slimcli.prune.groups`) scores as its whole group: the largest |γ| of the group
+    (``group_score="max"``: a group goes only when every member is below the threshold) or
+    their mean (``"mean"``). A channel that can never be removed scores +inf. ``None`` gives
+    every channel its own |γ| (the distribution ``slim inspect`` draws).
+    """
+    if group_score not in ("max", "mean", None):
+        raise UsageError(f"group_score must be max or mean, got {group_score!r}")
     scores = {
         name: model.get_submodule(name).weight.detach().abs().to("cpu", torch.float64)
         for name, info in bns.items()
@@ -174,7 +188,41 @@ def gamma_scores(model: nn.Module, bns: Mapping[str, BNInfo]) -> dict[str, Tenso
             f"BatchNorm scales of {', '.join(broken)} are NaN (did training diverge?); "
             f"prune an earlier checkpoint, e.g. best.safetensors of the run"
         )
+    coupled = {n: torch.tensor(bns[n].classes, dtype=torch.long)
+               for n in scores if bns[n].classes is not None}
+    if not coupled or group_score is None:
+        return scores
+    total: dict[int, float] = {}
+    count: dict[int, int] = {}
+    best: dict[int, float] = {}
+    for name, classes in coupled.items():
+        for c, v in zip(classes.tolist(), scores[name].tolist(), strict=True):
+            if c >= 0:
+                total[c] = total.get(c, 0.0) + v
+                count[c] = count.get(c, 0) + 1
+                best[c] = max(best.get(c, 0.0), v)
+    for name, classes in coupled.items():
+        agg = [math.inf if c < 0 else (best[c] if group_score == "max" else total[c] / count[c])
+               for c in classes.tolist()]
+        scores[name] = torch.tensor(agg, dtype=torch.float64)
     return scores
+
+
+def couple_masks(masks: dict[str, Tensor], bns: Mapping[str, BNInfo]) -> dict[str, Tensor]:
+    """Keep a coupled channel everywhere when any of its BatchNorms keeps it (``min_channels``)."""
+    kept: set[int] = set()
+    for name, mask in masks.items():
+        classes = bns[name].classes if name in bns else None
+        if classes is not None:
+            kept.update(torch.tensor(classes, dtype=torch.long)[mask].tolist())
+    kept.discard(-1)
+    out = {}
+    for name, mask in masks.items():
+        classes = bns[name].classes if name in bns else None
+        if classes is not None and kept:
+            mask = mask | torch.isin(torch.tensor(classes, dtype=torch.long), torch.tensor(sorted(kept)))
+        out[name] = mask
+    return out
 
 
 def ratio_threshold(scores: Mapping[str, Tensor], ratio: float) -> float | None:
@@ -182,7 +230,10 @@ def ratio_threshold(scores: Mapping[str, Tensor], ratio: float) -> float | None:
     ratio = check_ratio(ratio, allow_zero=True)
     if ratio == 0 or not scores:
         return None
-    flat = torch.sort(torch.cat([s.reshape(-1) for s in scores.values()])).values
+    flat = torch.cat([s.reshape(-1) for s in scores.values()])
+    flat = torch.sort(flat[torch.isfinite(flat)]).values  # channels that can never go do not count
+    if not flat.numel():
+        return None
     # int(p·total) in floating point, exactly as the reference code (and any re-implementation
     # of ⌊p·total⌋) computes it, so thresholds agree bit for bit: the float 0.29 is a little
     # below 0.29, and 0.29·100 gives index 28.
@@ -191,7 +242,8 @@ def ratio_threshold(scores: Mapping[str, Tensor], ratio: float) -> float | None:
 
 
 def _keep(
-    scores: Mapping[str, Tensor], threshold: float | None, min_channels: int
+    scores: Mapping[str, Tensor], threshold: float | None, min_channels: int,
+    bns: Mapping[str, BNInfo] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, tuple[int, int]], list[str]]:
     masks: dict[str, Tensor] = {}
     bit: dict[str, tuple[int, int]] = {}
@@ -207,6 +259,8 @@ def _keep(
             mask[torch.argsort(s, descending=True, stable=True)[:need]] = True
             bit[name] = (by_rule, need)
         masks[name] = mask
+    if bns is not None and bit:
+        masks = couple_masks(masks, bns)
     return masks, bit, emptied
 
 
@@ -226,34 +280,40 @@ def compute_keep(
     input_shape: Sequence[int] | None = None,
     bns: Mapping[str, BNInfo] | None = None,
     measure: Measure | None = None,
+    coupling: str = "auto",
+    group_score: str = "max",
 ) -> KeepPlan:
     """Keep masks for every prunable BatchNorm under ``rule`` (see the module docstring).
 
     ``bns`` (from :func:`prunable_bns`) saves a second trace; ``input_shape`` defaults to
     the model's attribute. ``measure`` replaces :func:`slimcli.measure.measure` in the
-    target searches.
+    target searches. ``coupling`` (``auto``, ``joint``, ``select``) says how coupled channels
+    are pruned (``bns`` must come from the same coupling) and ``group_score`` how a coupled
+    group is scored (:func:`gamma_scores`).
     """
     value = check_rule(rule, value, allow_zero=True)
     check_min_channels(min_channels)
     shape = tuple(input_shape) if input_shape is not None else getattr(model, "input_shape", None)
     if bns is None:
-        bns = analyze(model, shape).bns
-    scores = gamma_scores(model, bns)
+        bns = analyze(model, shape, coupling=coupling).bns
+    scores = gamma_scores(model, bns, group_score)
     if not scores:
         why = "; ".join(f"{n}: {b.reason}" for n, b in bns.items()) or "it has no BatchNorm at all"
         raise PruneError(f"{type(model).__name__} has nothing to prune ({why})")
     if rule in ("target_params", "target_flops"):
-        return _search_target(model, rule, value, min_channels, scores, shape, measure)
+        plan = _search_target(model, rule, value, min_channels, scores, shape, measure, bns, coupling)
+        plan.coupling = coupling
+        return plan
     if rule == "ratio":
         threshold = ratio_threshold(scores, value)
         what = f"ratio {value:g}"
     else:
         threshold, what = value, f"threshold {value:g}"
-    masks, bit, emptied = _keep(scores, threshold, min_channels)
+    masks, bit, emptied = _keep(scores, threshold, min_channels, bns)
     if emptied and min_channels == 0:
         raise _emptied_error(emptied, what)
     return KeepPlan(rule, value, threshold, masks, min_channels, bit, emptied,
-                    tuple(shape) if shape is not None else None)
+                    tuple(shape) if shape is not None else None, coupling=coupling)
 
 
 def _metric(rule: str, measure: Measure, shape: Sequence[int] | None) -> Callable[[nn.Module], float]:
@@ -269,12 +329,15 @@ def _search_target(
     scores: Mapping[str, Tensor],
     shape: Sequence[int] | None,
     measure: Measure | None,
+    bns: Mapping[str, BNInfo],
+    coupling: str,
 ) -> KeepPlan:
     metric = _metric(rule, measure or _measure, shape)
-    analysis = analyze(copy.deepcopy(model), shape)
+    analysis = analyze(copy.deepcopy(model), shape, coupling=coupling)
     dense = metric(model)
     budget = fraction * dense
     candidates = torch.unique(torch.cat([s.reshape(-1) for s in scores.values()]))  # sorted
+    candidates = candidates[torch.isfinite(candidates)]
     last = candidates.numel() - 1
     if min_channels == 0:  # thresholds at or above a layer's largest |γ| would empty it
         smallest_max = min(float(s.max()) for s in scores.values())
@@ -283,9 +346,9 @@ def _search_target(
 
     def kept_at(i: int) -> float:  # i = -1: keep everything; else keep |γ| > candidates[i]
         if i not in cache:
-            keep = _keep(scores, None if i < 0 else float(candidates[i]), min_channels)
+            keep = _keep(scores, None if i < 0 else float(candidates[i]), min_channels, bns)
             widths = {n: int(m.sum()) for n, m in keep[0].items()}
-            cache[i] = (metric(rebuild(analysis.clone(), widths)), keep)
+            cache[i] = (metric(rebuild(analysis.clone(), widths, keep=keep[0])), keep)
         return cache[i][0]
 
     if kept_at(last) > budget:

@@ -33,7 +33,7 @@ from torch.nn.modules.conv import _ConvNd
 from slimcli.errors import PruneError
 from slimcli.measure import count_params
 from slimcli.prune.fold import ShiftFold, fold_shifts, fold_summary
-from slimcli.prune.graph import Analysis, BNInfo, Edit, analyze
+from slimcli.prune.graph import Analysis, BNInfo, analyze
 from slimcli.prune.select import ChannelSelection
 
 #: The structure of a slim model, as stored in checkpoints: prunable BN name → kept channels.
@@ -55,12 +55,15 @@ class LayerReport:
     needs_selection: bool
     #: (channels the rule alone kept, channels kept) where ``min_channels`` raised the count
     min_channels_bit: tuple[int, int] | None = None
+    #: the first BatchNorm of its coupled group (pruned jointly), None when it prunes alone
+    group: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "channels": self.channels, "kept": self.kept, "prunable": self.prunable,
             "reason": self.reason, "producer": self.producer, "needs_selection": self.needs_selection,
             "min_channels_bit": list(self.min_channels_bit) if self.min_channels_bit else None,
+            "group": self.group,
         }
 
 
@@ -76,6 +79,11 @@ class PruneReport:
     fold_shift: bool = False
     #: with fold_shift: where each pruned BN's constant went (or why it did not)
     folds: list[ShiftFold] = field(default_factory=list)
+    #: how coupled channels were pruned (``auto``, ``joint``, ``select``)
+    coupling: str = "auto"
+    #: prunable BN name → kept-channel mask relative to the *dense* architecture (the checkpoint's
+    #: ``slim.keep``: with the coupling, it rebuilds the exact structure)
+    keep: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def channels_before(self) -> int:
@@ -105,8 +113,19 @@ class PruneReport:
             "params_after": self.params_after,
             "layers": [r.as_dict() for r in self.layers],
             "fold_shift": self.fold_shift,
+            "coupling": self.coupling,
+            "groups": self.groups,
             **({"fold": fold_summary(self.folds)} if self.fold_shift else {}),
         }
+
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        """Coupled groups: first BatchNorm → every BatchNorm pruned jointly with it."""
+        out: dict[str, list[str]] = {}
+        for r in self.layers:
+            if r.group is not None:
+                out.setdefault(r.group, []).append(r.name)
+        return out
 
 
 def _masks_of(plan: Any) -> Mapping[str, Tensor]:
@@ -143,8 +162,13 @@ def masked_dense(model: nn.Module, masks: Any, *, keep_shift: bool = False) -> n
 
 
 def _check_masks(analysis: Analysis, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Validate the masks against the analysis; return the kept indices of layers that shrink."""
+    """Validate the masks against the analysis; return the kept indices of layers that shrink.
+
+    Coupled channels (one class of :mod:`slimcli.prune.groups`) must be kept or dropped
+    together in every BatchNorm that has them.
+    """
     keep: dict[str, Tensor] = {}
+    full: dict[str, Tensor] = {}
     emptied: list[str] = []
     for name, mask in masks.items():
         info = analysis.bns.get(name)
@@ -160,14 +184,45 @@ def _check_masks(analysis: Analysis, masks: Mapping[str, Tensor]) -> dict[str, T
             continue
         if not info.prunable:
             raise PruneError(f"'{name}' cannot be pruned: {info.reason}; keep all its channels")
+        if info.classes is not None:
+            frozen = torch.tensor([c < 0 for c in info.classes]) & ~mask
+            if bool(frozen.any()):
+                first = int(frozen.nonzero()[0])
+                raise PruneError(f"channel {first} of '{name}' cannot be pruned (it is tied "
+                                 f"to a part of the network that keeps its channels); keep it")
         if kept == 0:
             emptied.append(name)
             continue
         keep[name] = mask.nonzero().reshape(-1)
+        full[name] = mask
     if emptied:
         raise PruneError(f"pruning would remove every channel of {', '.join(emptied)}; use a smaller "
                          f"ratio or threshold, or min_channels >= 1 (--min-channels 1)")
+    _check_coupled(analysis, full)
     return keep
+
+
+def _check_coupled(analysis: Analysis, masks: Mapping[str, Tensor]) -> None:
+    """Every class is dropped by all the BatchNorms that have it, or by none."""
+    dropped: dict[int, str] = {}
+    for name, mask in masks.items():
+        classes = analysis.bns[name].classes
+        if classes is not None:
+            for c in torch.tensor(classes)[~mask].tolist():
+                dropped.setdefault(c, name)
+    if not dropped:
+        return
+    for name, info in analysis.bns.items():
+        if info.classes is None:
+            continue
+        mask = masks.get(name)
+        kept = torch.tensor(info.classes) if mask is None else torch.tensor(info.classes)[mask]
+        clash = [c for c in kept.tolist() if c in dropped]
+        if clash:
+            raise PruneError(f"'{dropped[clash[0]]}' drops a channel that '{name}' keeps, but their channels "
+                             f"are "
+                             f"coupled ({info.group or name} group) and must be removed together; build the "
+                             f"masks with compute_keep, which scores each coupled group as one")
 
 
 def _slice(module: nn.Module, attr: str, index: Tensor, dim: int) -> None:
@@ -216,7 +271,7 @@ def _selection_name(gm: GraphModule, bn_name: str) -> str:
 
 
 def _erase_dead_queries(gm: GraphModule, nodes: Sequence[Any]) -> None:
-    """Remove size/shape queries that only fed a rewritten flatten."""
+    """Remove size/shape queries that only fed a rewritten op."""
     todo = [n for n in nodes if isinstance(n, Node)]
     while todo:
         n = todo.pop()
@@ -227,39 +282,143 @@ def _erase_dead_queries(gm: GraphModule, nodes: Sequence[Any]) -> None:
             gm.graph.erase_node(n)
 
 
-def _apply_edit(gm: GraphModule, name: str, edit: Edit, index: Tensor) -> None:
+class _Kept:
+    """Which positions of each tensor survive once the removed classes are gone."""
+
+    def __init__(self, analysis: Analysis, keep: Mapping[str, Tensor]) -> None:
+        flow = analysis.flow
+        assert flow is not None
+        self.flow = flow
+        self.table = flow.root_table()
+        removed: set[int] = set()
+        for name, index in keep.items():
+            ids = flow.bns[name][1]
+            mask = torch.ones(ids.numel(), dtype=torch.bool)
+            mask[index] = False
+            removed.update(self.table[ids[mask]].tolist())
+        self.removed = torch.tensor(sorted(removed), dtype=torch.long)
+
+    def mask(self, node: Any) -> Tensor | None:
+        """Kept-position mask of ``node``'s channels, or None when it keeps all of them."""
+        ids = self.flow.ids.get(node) if isinstance(node, Node) else None
+        if ids is None or not self.removed.numel():
+            return None
+        mask = ~torch.isin(self.table[ids], self.removed)
+        if bool(mask.all()):
+            return None
+        if not bool(mask.any()):
+            raise PruneError(f"pruning would remove every channel of '{node.name}' (a tensor between the "
+                             f"BatchNorms); prune less, or raise min_channels (--min-channels)")
+        return mask
+
+    def index(self, node: Any) -> Tensor | None:
+        mask = self.mask(node)
+        return None if mask is None else mask.nonzero().reshape(-1)
+
+
+def _narrow_depthwise(m: _ConvNd, index_in: Tensor | None, index_out: Tensor | None) -> None:
+    if index_out is not None:
+        _slice(m, "weight", index_out, 0)
+        _slice(m, "bias", index_out, 0)
+        m.out_channels = index_out.numel()
+    if index_in is not None:
+        m.in_channels = index_in.numel()
+        m.groups = index_in.numel()
+
+
+def _rewrite(
+    gm: GraphModule, node: Node, kind: str, kept: _Kept, shapes: Mapping[str, tuple[int, ...]]
+) -> None:
+    """Replace a slice, split or reshape whose literal channel sizes the pruning changed."""
     graph = gm.graph
-    _narrow_bn(gm.get_submodule(name), index)
-    if edit.producer is not None:
-        _narrow_outputs(gm.get_submodule(edit.producer.target), index)
-    elif edit.selection is not None:  # compose with the selection already there (re-pruning)
-        sel = gm.get_submodule(edit.selection.target)
-        sel.indices = sel.indices.index_select(0, index.to(sel.indices.device))
-    else:
-        sel_name = _selection_name(gm, name)
-        ref = gm.get_submodule(name).weight
-        gm.add_submodule(sel_name, ChannelSelection(index.to(ref.device)))
-        with graph.inserting_before(edit.bn):
-            sel_node = graph.call_module(sel_name, (edit.bn.args[0],))
-        edit.bn.update_arg(0, sel_node)
-    for node, per_channel in edit.consumers:
-        _narrow_inputs(gm.get_submodule(node.target), index, per_channel)
-    for fl in edit.flattens:
-        if fl not in graph.nodes:
-            continue
-        with graph.inserting_before(fl):
-            new = graph.call_function(torch.flatten, (fl.args[0], 1))
-        fl.replace_all_uses_with(new)
-        args = list(fl.all_input_nodes)
-        graph.erase_node(fl)
-        _erase_dead_queries(gm, args)
+    src = node.args[0]
+    in_mask = kept.mask(src)
+    if in_mask is None:
+        return
+    old_args = list(node.all_input_nodes)
+    if kind == "flatten":
+        with graph.inserting_before(node):
+            new = graph.call_function(torch.flatten, (src, 1))
+    elif kind == "reshape":
+        out = shapes[node.name]
+        out_mask = kept.mask(node)
+        c = int(out_mask.sum()) if out_mask is not None else out[1]
+        with graph.inserting_before(node):
+            new = graph.call_function(torch.reshape, (src, (-1, c, *out[2:])))
+    elif kind == "slice":
+        index = list(node.args[1]) if isinstance(node.args[1], tuple) else [node.args[1]]
+        sl = index[1]
+        rng = range(in_mask.numel())[sl]
+        start, stop = rng.start, rng.stop
+        new_slice = slice(int(in_mask[:start].sum()), int(in_mask[:stop].sum()))
+        index[1] = new_slice
+        node.update_arg(1, tuple(index))
+        return
+    elif kind == "split":
+        sizes = [int(p.sum()) for p in in_mask.split(_piece_sizes(node, shapes[src.name][1]))]
+        if 0 in sizes:
+            raise PruneError(f"pruning would empty a piece of the split '{node.name}'; prune less, or raise "
+                             f"min_channels (--min-channels)")
+        with graph.inserting_before(node):
+            new = graph.call_function(torch.split, (src, sizes, 1))
+    else:  # pragma: no cover - the flow only records the kinds above
+        raise AssertionError(kind)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    _erase_dead_queries(gm, old_args)
+
+
+def _piece_sizes(node: Node, channels: int) -> list[int]:
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    arg = node.args[1] if len(node.args) > 1 else next(iter(node.kwargs.values()))
+    rows = torch.arange(channels)
+    return [p.numel() for p in (rows.chunk(arg) if name == "chunk" else rows.split(arg))]
 
 
 def _surgery(analysis: Analysis, keep: Mapping[str, Tensor]) -> GraphModule:
+    """Remove every class ``keep`` drops from every module and tensor that carries it."""
     gm = analysis.gm
-    for name, index in keep.items():
-        _apply_edit(gm, name, analysis.edits[name], index)
-    gm.graph.lint()
+    if not keep:
+        gm.recompile()
+        return gm
+    kept = _Kept(analysis, keep)
+    flow = kept.flow
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_module":
+            continue
+        m = gm.get_submodule(node.target)
+        src = node.args[0] if node.args else None
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            index = kept.index(node)
+            if index is None:
+                continue
+            _narrow_bn(m, index)
+            if node.target in flow.selected:
+                sel_name = _selection_name(gm, node.target)
+                ref = m.weight if m.weight is not None else m.running_mean
+                gm.add_submodule(sel_name, ChannelSelection(index.to(ref.device)))
+                with graph.inserting_before(node):
+                    sel_node = graph.call_module(sel_name, (src,))
+                node.update_arg(0, sel_node)
+        elif isinstance(m, ChannelSelection):
+            index = kept.index(node)
+            if index is not None:
+                m.indices = m.indices.index_select(0, index.to(m.indices.device))
+        elif isinstance(m, _ConvNd) and m.groups > 1:
+            index_in, index_out = kept.index(src), kept.index(node)
+            if index_in is not None or index_out is not None:
+                _narrow_depthwise(m, index_in, index_out)
+        elif isinstance(m, _ConvNd | nn.Linear):
+            index_in, index_out = kept.index(src), kept.index(node)
+            if index_in is not None:
+                _narrow_inputs(m, index_in, 1)
+            if index_out is not None:
+                _narrow_outputs(m, index_out)
+    for node, kind in list(flow.rewrites.items()):
+        if node in graph.nodes:
+            _rewrite(gm, node, kind, kept, analysis.shapes)
+    graph.lint()
     gm.recompile()
     return gm
 
@@ -268,8 +427,53 @@ def _widths(bns: Mapping[str, BNInfo], keep: Mapping[str, Tensor]) -> Widths:
     return {n: (keep[n].numel() if n in keep else b.channels) for n, b in bns.items() if b.prunable}
 
 
+def encode_keep(masks: Mapping[str, Tensor]) -> dict[str, str]:
+    """Masks as hex strings (bit i = channel i kept), the checkpoint's ``slim.keep``."""
+    out = {}
+    for name, mask in masks.items():
+        bits = torch.as_tensor(mask).reshape(-1).to(torch.bool).tolist()
+        out[name] = f"{len(bits)}:" + format(sum(1 << i for i, b in enumerate(bits) if b), "x")
+    return out
+
+
+def decode_keep(encoded: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The inverse of :func:`encode_keep`; a malformed entry is a :class:`PruneError` naming it."""
+    out = {}
+    for name, text in encoded.items():
+        try:
+            size, _, hexa = str(text).partition(":")
+            n, value = int(size), int(hexa, 16)
+            if n < 1 or value >> n:
+                raise ValueError(text)
+        except ValueError:
+            raise PruneError(f"slim.keep['{name}'] is not a channel mask (\"<channels>:<hex bits>\"), got "
+                             f"{str(text)[:40]!r}") from None
+        out[name] = torch.tensor([(value >> i) & 1 == 1 for i in range(n)], dtype=torch.bool)
+    return out
+
+
+def _dense_keep(model: nn.Module, bns: Mapping[str, BNInfo], keep: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Kept masks relative to the dense architecture: composed with ``model.slim_keep`` when the
+    model is itself a slim model (re-pruning)."""
+    before: Mapping[str, Tensor] = getattr(model, "slim_keep", None) or {}
+    out: dict[str, Tensor] = {}
+    for name, info in bns.items():
+        if not info.prunable and name not in before:
+            continue
+        mask = torch.zeros(info.channels, dtype=torch.bool)
+        mask[keep[name] if name in keep else torch.arange(info.channels)] = True
+        old = before.get(name)
+        if old is not None:
+            dense = torch.zeros(old.numel(), dtype=torch.bool)
+            dense[old.nonzero().reshape(-1)[mask]] = True
+            mask = dense
+        out[name] = mask
+    return out
+
+
 def prune_model(
-    model: nn.Module, plan: Any, *, input_shape: Sequence[int] | None = None, fold_shift: bool = False
+    model: nn.Module, plan: Any, *, input_shape: Sequence[int] | None = None, fold_shift: bool = False,
+    coupling: str | None = None,
 ) -> tuple[GraphModule, PruneReport]:
     """Remove the channels that ``plan`` drops; return the slim model and a report.
 
@@ -278,46 +482,57 @@ def prune_model(
     shape comes from ``input_shape``, the plan, or the model's ``input_shape`` attribute.
     ``fold_shift`` folds the constant each removed channel's β fed to the next layers into
     their biases / BatchNorm running means (``report.folds``) instead of dropping it; the
-    structure, and so ``report.widths``, is the same either way.
+    structure, and so ``report.widths``, is the same either way. ``coupling`` defaults to the
+    plan's (``auto`` for plain masks); coupled channels must be kept or dropped together.
     """
     masks = _masks_of(plan)
+    coupling = coupling or getattr(plan, "coupling", None) or "auto"
     shape = input_shape if input_shape is not None else getattr(plan, "input_shape", None)
     if shape is None:
         shape = getattr(model, "input_shape", None)
-    analysis = analyze(copy.deepcopy(model), shape)
+    analysis = analyze(copy.deepcopy(model), shape, coupling=coupling)
     keep = _check_masks(analysis, masks)
     params_before = count_params(model)
     folds = fold_shifts(analysis, keep) if fold_shift else []
     gm = _surgery(analysis, keep)
     widths = _widths(analysis.bns, keep)
+    dense_keep = _dense_keep(model, analysis.bns, keep)
     gm.slim_widths = dict(widths)
+    gm.slim_keep = dense_keep
+    gm.slim_coupling = coupling
     bit = dict(getattr(plan, "min_channels_bit", {}) or {})
     layers = [
         LayerReport(
             name=n, channels=b.channels, kept=widths.get(n, b.channels), prunable=b.prunable,
             reason=b.reason, producer=b.producer, needs_selection=b.prunable and b.needs_selection,
-            min_channels_bit=bit.get(n),
+            min_channels_bit=bit.get(n), group=b.group,
         )
         for n, b in analysis.bns.items()
     ]
     summary = plan.summary() if hasattr(plan, "summary") else {}
-    return gm, PruneReport(layers, widths, params_before, count_params(gm), summary, fold_shift, folds)
+    return gm, PruneReport(layers, widths, params_before, count_params(gm), summary, fold_shift, folds,
+                           coupling, dense_keep)
 
 
 def apply_widths(
-    model: nn.Module, widths: Mapping[str, int], *, input_shape: Sequence[int] | None = None
+    model: nn.Module, widths: Mapping[str, int], *, input_shape: Sequence[int] | None = None,
+    keep: Mapping[str, Tensor] | None = None, coupling: str = "auto",
 ) -> GraphModule:
     """The slim structure for ``widths`` (BN name → kept channels), built from a dense model.
 
-    Every listed BatchNorm keeps its first ``k`` channels, so the result has exactly the
-    shapes of the pruned model; ``load_state_dict(strict=True)`` of the pruned model's
-    ``state_dict`` then fills in its weights and selection indices. The dense ``model`` is
-    not modified; the input shape defaults to its ``input_shape`` attribute.
+    Every listed BatchNorm keeps its first ``k`` channels — or, with ``keep`` (the masks of
+    ``PruneReport.keep`` / the checkpoint's ``slim.keep``), exactly the channels its mask keeps,
+    which coupled groups whose members do not line up position by position need. The result
+    has exactly the shapes of the pruned model; ``load_state_dict(strict=True)`` of the pruned
+    model's ``state_dict`` then fills in its weights and selection indices. The dense ``model``
+    is not modified; the input shape defaults to its ``input_shape`` attribute.
     """
-    return rebuild(analyze(copy.deepcopy(model), input_shape), widths, name=type(model).__name__)
+    analysis = analyze(copy.deepcopy(model), input_shape, coupling=coupling)
+    return rebuild(analysis, widths, name=type(model).__name__, keep=keep)
 
 
-def rebuild(analysis: Analysis, widths: Mapping[str, int], *, name: str = "the model") -> GraphModule:
+def rebuild(analysis: Analysis, widths: Mapping[str, int], *, name: str = "the model",
+            keep: Mapping[str, Tensor] | None = None) -> GraphModule:
     """:func:`apply_widths` on an analysis (consumed: pass ``analysis.clone()`` to reuse it)."""
     masks: dict[str, Tensor] = {}
     for bn, k in widths.items():
@@ -327,10 +542,23 @@ def rebuild(analysis: Analysis, widths: Mapping[str, int], *, name: str = "the m
                              f"checkpoint and the architecture do not match")
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= info.channels:
             raise PruneError(f"width of '{bn}' must be an integer in 1..{info.channels}, got {k!r}")
-        mask = torch.zeros(info.channels, dtype=torch.bool)
-        mask[:k] = True
+        given = keep.get(bn) if keep is not None else None
+        if given is not None:
+            mask = torch.as_tensor(given).reshape(-1).to(torch.bool)
+            if mask.numel() != info.channels or int(mask.sum()) != k:
+                raise PruneError(f"the kept-channel mask of '{bn}' ({int(mask.sum())} of {mask.numel()}) "
+                                 f"does not match its width {k} of {info.channels}; the checkpoint is "
+                                 f"inconsistent")
+        else:  # the first k channels, counting every channel that can never go as kept
+            mask = torch.zeros(info.channels, dtype=torch.bool)
+            fixed = torch.tensor([c < 0 for c in info.classes], dtype=torch.bool) if info.classes else mask
+            free = (~fixed).nonzero().reshape(-1)
+            mask[fixed] = True
+            mask[free[: max(k - int(fixed.sum()), 0)]] = True
         masks[bn] = mask
-    keep = _check_masks(analysis, masks)
-    gm = _surgery(analysis, keep)
-    gm.slim_widths = _widths(analysis.bns, keep)
+    checked = _check_masks(analysis, masks)
+    gm = _surgery(analysis, checked)
+    gm.slim_widths = _widths(analysis.bns, checked)
+    gm.slim_keep = {bn: m.clone() for bn, m in masks.items()}
+    gm.slim_coupling = analysis.coupling
     return gm

@@ -114,97 +114,97 @@ def fast_twin(model: nn.Module, input_shape: Sequence[int] | None, dense: Measur
 
 
 @dataclass(frozen=True)
-class _Scaled:
-    """One conv/linear whose output (``out_bn``) and/or input (``in_bn``) channels follow a BatchNorm."""
+class _Layer:
+    """One module whose parameters and MACs scale with the kept channels on its two sides."""
 
-    weight: int  # numel of the weight
-    bias: int  # numel of the bias (0 if none)
+    params: int  # parameters that scale with out·in (weights) …
+    bias: int  # … and with out only (bias, BatchNorm entries)
     macs: int
-    out_bn: str | None
-    in_bn: str | None
+    out_roots: Tensor | None  # class of every output channel (None: never shrinks)
+    in_roots: Tensor | None  # class of every input channel a weight reads (None: per-channel layer)
 
 
 class _CostFormula:
-    """Params and MACs of the slim model for given widths, in closed form (see the module docstring)."""
+    """Params and MACs of the slim model for given keep masks, in closed form.
 
-    def __init__(self, bn_params: dict[str, tuple[int, int]], layers: list[_Scaled],
-                 channels: dict[str, int], dense: Measurement) -> None:
-        self.bn_params = bn_params  # BN name → (channels, params of the BN)
+    A conv/linear keeps ``w · out_k/out · in_k/in`` of its weights and MACs, a depthwise conv
+    and a BatchNorm ``out_k/out`` of theirs, where ``out_k``/``in_k`` count the channels whose
+    coupled class (:mod:`slimcli.prune.groups`) survives; selections have no parameters.
+    """
+
+    def __init__(self, layers: list[_Layer], bn_roots: dict[str, Tensor], dense: Measurement) -> None:
         self.layers = layers
-        self.channels = channels
+        self.bn_roots = bn_roots
         self.dense = dense
 
     @classmethod
-    def build(cls, model: nn.Module, bns: Mapping[str, BNInfo], dense: Measurement) -> _CostFormula | None:
+    def build(cls, model: nn.Module, shape: Sequence[int] | None, dense: Measurement,
+              coupling: str = "auto") -> _CostFormula | None:
         """The formula for ``model``, or None where its structure is outside what the formula covers."""
-        modules = dict(model.named_modules())
+        try:
+            analysis = analyze(copy.deepcopy(model), shape, coupling=coupling)
+        except Exception:  # the surgery path reports the real problem
+            return None
+        flow = analysis.flow
+        assert flow is not None
+        table = flow.root_table()
         macs = {row.name: row.macs for row in dense.per_layer}
-        roles: dict[str, dict[str, str]] = {}
-        bn_params: dict[str, tuple[int, int]] = {}
-        channels: dict[str, int] = {}
-        for name, info in bns.items():
-            if not info.prunable:
+        layers: list[_Layer] = []
+        for node in analysis.gm.graph.nodes:
+            if node.op != "call_module":
                 continue
-            bn = modules.get(name)
-            if bn is None:
-                return None
-            channels[name] = info.channels
-            bn_params[name] = (info.channels, sum(p.numel() for p in bn.parameters(recurse=False)))
-            producer = info.producer
-            if producer is not None and roles.setdefault(producer, {}).setdefault("out", name) != name:
-                return None  # one layer producing for two BatchNorms: not a shape the formula knows
-            for consumer in info.consumers:
-                if roles.setdefault(consumer, {}).setdefault("in", name) != name:
-                    return None
-        layers: list[_Scaled] = []
-        for layer_name, role in roles.items():
-            m = modules.get(layer_name)
-            if not isinstance(m, _ConvNd | nn.Linear) or getattr(m, "groups", 1) != 1:
-                return None
+            m = analysis.gm.get_submodule(node.target)
             params = dict(m.named_parameters(recurse=False))
-            if set(params) - {"weight", "bias"} or m.weight.dim() < 2:
-                return None
-            w, b = m.weight, params.get("bias")
-            out_bn, in_bn = role.get("out"), role.get("in")
-            if out_bn is not None and w.shape[0] != channels[out_bn]:
-                return None
-            if b is not None and (b.dim() != 1 or b.numel() != w.shape[0]):
-                return None
-            if in_bn is not None and w.shape[1] % channels[in_bn] != 0:
-                return None
-            layers.append(_Scaled(w.numel(), b.numel() if b is not None else 0, macs.get(layer_name, 0),
-                                  out_bn, in_bn))
-        return cls(bn_params, layers, channels, dense)
+            out_ids = flow.ids.get(node)
+            src = node.args[0] if node.args else None
+            in_ids = flow.ids.get(src) if src is not None else None
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = sum(p.numel() for p in params.values())
+                if out_ids is not None and n:
+                    layers.append(_Layer(0, n, 0, table[out_ids], None))
+            elif isinstance(m, _ConvNd | nn.Linear):
+                if set(params) - {"weight", "bias"} or out_ids is None or in_ids is None:
+                    return None
+                w, b = m.weight, params.get("bias")
+                depthwise = isinstance(m, _ConvNd) and m.groups > 1
+                if depthwise and m.groups != m.in_channels:
+                    continue  # a grouped conv is frozen: it never shrinks
+                layers.append(_Layer(w.numel(), b.numel() if b is not None else 0, macs.get(node.target, 0),
+                                     table[out_ids], None if depthwise else table[in_ids]))
+        return cls(layers, {n: table[ids] for n, (_, ids) in flow.bns.items()}, dense)
 
-    def __call__(self, widths: Mapping[str, int]) -> tuple[int, int]:
-        """(params, FLOPs) of the slim model with ``widths`` (BN name → kept channels)."""
+    def __call__(self, masks: Mapping[str, Tensor]) -> tuple[int, int]:
+        """(params, FLOPs) of the slim model that keeps ``masks`` (BN name → bool mask)."""
+        removed = [self.bn_roots[n][~torch.as_tensor(m, dtype=torch.bool)] for n, m in masks.items()
+                   if n in self.bn_roots]
+        gone = torch.unique(torch.cat(removed)) if removed else torch.empty(0, dtype=torch.long)
         params, macs = self.dense.params, self.dense.macs
-        for name, (c, p) in self.bn_params.items():
-            params -= p - p // c * widths[name]
         for layer in self.layers:
-            num, den = 1, 1
-            for bn in (layer.out_bn, layer.in_bn):
-                if bn is not None:
-                    num, den = num * widths[bn], den * self.channels[bn]
-            # weight and MACs are products of the out and in channel counts: exact integer scaling
-            params -= layer.weight - layer.weight // den * num
+            out = layer.out_roots.numel()
+            out_k = int((~torch.isin(layer.out_roots, gone)).sum()) if gone.numel() else out
+            num, den = out_k, out
+            if layer.in_roots is not None:
+                cin = layer.in_roots.numel()
+                num *= int((~torch.isin(layer.in_roots, gone)).sum()) if gone.numel() else cin
+                den *= cin
+            # weights and MACs are products of the out and in channel counts: exact integer scaling
+            params -= layer.params - layer.params // den * num
             macs -= layer.macs - layer.macs // den * num
-            if layer.out_bn is not None:
-                params -= layer.bias - layer.bias // self.channels[layer.out_bn] * widths[layer.out_bn]
+            params -= layer.bias - layer.bias // out * out_k
         return params, 2 * macs
 
 
 class _Surgery:
     """(params, FLOPs) of the really rebuilt slim model; the twin is traced once, on first use."""
 
-    def __init__(self, twin: nn.Module, shape: Sequence[int] | None) -> None:
-        self.twin, self.shape = twin, shape
+    def __init__(self, twin: nn.Module, shape: Sequence[int] | None, coupling: str = "auto") -> None:
+        self.twin, self.shape, self.coupling = twin, shape, coupling
         self._analysis: Analysis | None = None
 
-    def __call__(self, widths: Mapping[str, int]) -> tuple[int, int]:
+    def __call__(self, widths: Mapping[str, int], masks: Mapping[str, Tensor]) -> tuple[int, int]:
         if self._analysis is None:
-            self._analysis = analyze(copy.deepcopy(self.twin), self.shape)
-        slim = rebuild(self._analysis.clone(), dict(widths), name=type(self.twin).__name__)
+            self._analysis = analyze(copy.deepcopy(self.twin), self.shape, coupling=self.coupling)
+        slim = rebuild(self._analysis.clone(), dict(widths), name=type(self.twin).__name__, keep=masks)
         cost = measure(slim, self.shape)
         return int(cost.params), int(cost.flops)
 
@@ -231,6 +231,7 @@ def what_if(
     twin: nn.Module | None = None,
     dense: Measurement | None = None,
     log: Log | None = None,
+    coupling: str = "auto",
 ) -> tuple[list[WhatIfRow], dict[str, Any]]:
     """One row per ratio (default :func:`ratio_grid`, sorted, duplicates dropped): the slim
     model ``slim prune --ratio R --min-channels N`` would build, and how it was computed.
@@ -257,28 +258,31 @@ def what_if(
         dense = dense if dense is not None else measure(model, shape)
         twin = fast_twin(model, shape, dense, log)
     if bns is None:
-        bns = analyze(twin, shape).bns
+        bns = analyze(twin, shape, coupling=coupling).bns
     dense = dense if dense is not None else measure(twin, shape)
     scores = gamma_scores(model, bns)
     if not scores or not grid:
         return [], {"method": "none", "checked_ratios": [], "note": "nothing to prune"}
 
     plans: list[tuple[float, float | None, dict[str, int], list[str], bool]] = []
+    masks: dict[float, dict[str, Tensor]] = {}
     for ratio in grid:
         # compute_keep is exactly what `slim prune --ratio` uses; with min_channels 0 it refuses
         # a ratio that empties a layer, and the layers it would empty do not depend on min_channels
-        plan = compute_keep(model, "ratio", ratio, max(min_channels, 1), input_shape=shape, bns=bns)
+        plan = compute_keep(model, "ratio", ratio, max(min_channels, 1), input_shape=shape, bns=bns,
+                            coupling=coupling)
         widths = plan.widths
+        masks[ratio] = plan.masks
         exists = not (plan.emptied and min_channels == 0)
         if not exists:  # no model: the row counts the channels the rule alone keeps
             widths.update(dict.fromkeys(plan.emptied, 0))
         plans.append((ratio, plan.threshold, widths, list(plan.emptied), exists))
     built = [p for p in plans if p[4]]
 
-    surgery = _Surgery(twin, shape)
+    surgery = _Surgery(twin, shape, coupling)
     costs: dict[float, tuple[int, int]] = {}
     info: dict[str, Any] = {"method": "surgery", "checked_ratios": [], "note": None}
-    calc = _CostFormula.build(twin, bns, dense) if formula else None
+    calc = _CostFormula.build(twin, shape, dense, coupling) if formula else None
     if formula and calc is None:
         info["note"] = "the closed form does not cover this model's structure; every row was built"
     if calc is not None:
@@ -289,18 +293,18 @@ def what_if(
         ok = True
         for ratio, _, widths, _, _ in (p for p in plans if p[0] in checks):
             log(f"checking the closed form by surgery at ratio {ratio:g}")
-            if surgery(widths) != calc(widths):
+            if surgery(widths, masks[ratio]) != calc(masks[ratio]):
                 ok = False
                 break
         if ok:
             info.update(method="formula", checked_ratios=sorted(checks))
-            costs = {ratio: calc(widths) for ratio, _, widths, _, _ in built}
+            costs = {ratio: calc(masks[ratio]) for ratio, _, _, _, _ in built}
         else:
             info["note"] = "the closed form disagreed with surgery; every row was built"
     if info["method"] == "surgery":
         for i, (ratio, _, widths, _, _) in enumerate(built, 1):
             log(f"building the slim model for ratio {ratio:g} ({i}/{len(built)})")
-            costs[ratio] = surgery(widths)
+            costs[ratio] = surgery(widths, masks[ratio])
 
     total = sum(b.channels for b in bns.values() if b.prunable)
     rows = []
@@ -341,11 +345,14 @@ def safe_below(scores: Mapping[str, Tensor]) -> tuple[float | None, list[str]]:
     empties a layer; ``(None, [])`` without scores. It does not depend on ``min_channels``
     (which only keeps emptied layers alive).
     """
-    tops = {name: float(s.max()) for name, s in scores.items() if s.numel()}
+    # a layer with a channel that can never go (score +inf) is never emptied, and such channels
+    # do not count in the total (as in ratio_threshold)
+    tops = {name: float(s.max()) for name, s in scores.items() if s.numel() and bool(torch.isfinite(s).all())}
     if not tops:
         return None, []
     weakest = min(tops.values())
     flat = torch.cat([s.reshape(-1) for s in scores.values()])
+    flat = flat[torch.isfinite(flat)]
     below = int((flat < weakest).sum())
     return _first_emptying(below, flat.numel()), [n for n, t in tops.items() if t == weakest]
 
