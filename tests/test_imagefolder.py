@@ -9,8 +9,7 @@ import pytest
 from _images import make_image_folder
 
 import slimcli.data.imagefolder as imagefolder
-from slimcli.data import create_dataset
-from slimcli.data.streaming import TensorSource, sample_rng
+from slimcli.data import TensorSource, create_dataset, sample_rng
 from slimcli.errors import DataError, UsageError
 
 

@@ -6,9 +6,9 @@ the width are unchanged. Module names are torchvision's (``features.0.0``,
 ``features.1.conv.0.0``, ``classifier.1``), so a torchvision ``state_dict`` loads with
 ``strict=True``; at 1000 classes and width 1.0 it has 3,504,872 parameters.
 
-Pruning (``slim inspect`` lists the reasons): the BatchNorm after each depthwise conv and the
-one of the last 1×1 conv prune; a BatchNorm whose output feeds a grouped conv (the stem's, every
-expansion's) or a residual sum does not — 19 of the 52 BatchNorm layers at any width.
+Pruning (``slim inspect`` lists each BatchNorm's status): at least the BatchNorm after each
+depthwise conv and the last 1×1 conv's prune; whether those feeding a grouped conv or a residual
+sum do depends on the pruning engine's support for channel groups.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from slimcli.data._paths import OFFLINE_ENV
-from slimcli.data.streaming import SampleSource, TensorSource
+from slimcli.data._streaming import SampleSource, TensorSource, sample_rng
 from slimcli.errors import DataError, UsageError
 from slimcli.registry import DATASETS, Option, Spec
 
@@ -67,7 +67,7 @@ class Dataset:
 
     def too_large_for_device(self, root: Path | None = None) -> bool:
         """Whether the training split is too large to keep on the device (then it streams
-        through DataLoader workers, see :mod:`slimcli.data.streaming`). Default: no."""
+        through DataLoader workers, see :class:`SampleSource`). Default: no."""
         return False
 
     def source(self, split: str, root: Path | None = None) -> SampleSource:
@@ -124,4 +124,5 @@ def no_downloads() -> Iterator[None]:
             os.environ[OFFLINE_ENV] = old
 
 
-__all__ = ["SPLITS", "Dataset", "create_dataset", "no_downloads"]
+__all__ = ["SPLITS", "Dataset", "SampleSource", "TensorSource", "create_dataset", "no_downloads",
+           "sample_rng"]

@@ -28,7 +28,7 @@ import numpy as np
 from torch import Tensor
 
 from slimcli.data import Dataset
-from slimcli.data.streaming import SampleSource
+from slimcli.data._streaming import SampleSource
 from slimcli.errors import DataError, UsageError
 from slimcli.registry import Option, register_dataset
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from slimcli.data.streaming import SampleSource, sample_rng
+from slimcli.data import SampleSource, sample_rng
 from slimcli.model import Normalizer, evaluate_tensors
 from slimcli.train.augment import random_crop_flip
 from slimcli.train.distributed import Dist
