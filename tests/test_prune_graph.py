@@ -75,8 +75,11 @@ def test_bn_reading_the_network_input() -> None:
     assert b.prunable and b.needs_selection and "network input" in b.reads
 
 
-def test_conv_feeding_two_bns_gives_each_a_selection() -> None:
-    bns = bns_of("two_bns")
+def test_conv_feeding_two_bns_couples_them_or_gives_each_a_selection() -> None:
+    joint = bns_of("two_bns")  # auto: one conv output read by two BNs is one group, no gather
+    assert joint["bn_a"].group == joint["bn_b"].group == "bn_a"
+    assert not joint["bn_a"].needs_selection and not joint["bn_b"].needs_selection
+    bns = bns_of("two_bns", "select")
     for name in ("bn_a", "bn_b"):
         assert bns[name].prunable and bns[name].needs_selection and "also used elsewhere" in bns[name].reads
     assert bns["bn_a"].consumers == ("conv_a",) and bns["bn_b"].consumers == ("conv_b",)

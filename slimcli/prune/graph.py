@@ -90,6 +90,19 @@ class BNInfo:
         }
 
 
+class BNTable(dict):  # type: ignore[type-arg]
+    """BN name → :class:`BNInfo`, plus ``keep_one``: sets of coupled classes that together are all
+    the channels of some tensor between the BatchNorms (a split piece, a slice, a conv output read
+    only through other layers' BatchNorms); the rules keep at least one class of each, as
+    ``min_channels`` does for a BatchNorm, so that no tensor is emptied."""
+
+    keep_one: list[tuple[int, ...]]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.keep_one = []
+
+
 @dataclass
 class Edit:
     """The graph nodes that change when one prunable BatchNorm loses channels."""
@@ -342,7 +355,7 @@ def analyze(
         for r in set(table[ids].tolist()):
             members.setdefault(r, []).append(name)
     group = groups_of(flow, flow.bns)
-    analysis = Analysis(gm, shape, {}, shapes={n.name: s for n, s in shapes.items()}, flow=flow,
+    analysis = Analysis(gm, shape, BNTable(), shapes={n.name: s for n, s in shapes.items()}, flow=flow,
                         coupling=coupling)
     seen: set[str] = set()
     for node in gm.graph.nodes:
@@ -398,6 +411,14 @@ def analyze(
         simple = reason is None and simple_reason is None and not in_group and -1 not in (classes or ())
         if simple:  # the shift folding follows these edits (one BN, channel-wise ops to consumers)
             analysis.edits[name] = Edit(node, producer, selection, consumers, flattens)
+    removable = {c for b in analysis.bns.values() if b.classes is not None for c in b.classes if c >= 0}
+    if removable:
+        sets = set()
+        for ids in flow.ids.values():
+            roots = frozenset(table[ids].tolist())
+            if roots <= removable:
+                sets.add(tuple(sorted(roots)))
+        analysis.bns.keep_one = sorted(sets)
     # BatchNorms the forward never calls as modules: listed (for reports) but never touched
     for name, m in model.named_modules():
         if isinstance(m, _BatchNorm) and name not in analysis.bns and name:

@@ -164,8 +164,9 @@ class Flow:
 
 class _Builder:
     def __init__(self, gm: GraphModule, shapes: dict[Node, tuple[int, ...]], counts: dict[str, int],
-                 coupling: str) -> None:
+                 coupling: str, select: set[str] | None = None) -> None:
         self.gm = gm
+        self.select = select  # BNs that get a selection (None: the junction rule of select mode)
         self.shapes = shapes
         self.counts = counts
         self.coupling = coupling
@@ -334,12 +335,18 @@ class _Builder:
         if m.weight is None:  # no γ: a per-channel affine map that keeps its channels, but not 0
             self.same(node, src, keeps_zero=False, why=f"the output of '{name}' (affine=False)")
             return
-        if self.coupling != "joint" and self.reads_junction(node):
+        wants = (self.coupling == "select" and self.reads_junction(node)) or (
+            self.coupling == "auto" and self.junction(node) == "paper") or (
+            self.select is not None and name in self.select)
+        if wants:
             self.selected.add(name)
             self.freeze(src, f"it is read through the channel selection in front of '{name}'")
             ids = self.fresh(self.shapes[node][1])
         else:
             ids = self.ids[src]
+            shared = [i for i in ids.tolist() if i in self.bn_ids]
+            if shared:  # the channels of an earlier BN reach this one unchanged in count (depthwise …)
+                self.ties.append((shared[0], shared[0], f"{describe(src, self.modules)}"))
         zero = fused is None or fused[0]
         why = None if zero else f"the output of '{name}' (its built-in {fused[1]} maps 0 elsewhere)"
         self.set(node, ids, torch.full((len(ids),), zero, dtype=torch.bool), why)
@@ -347,32 +354,33 @@ class _Builder:
         self.bn_ids.update(ids.tolist())
 
     def reads_junction(self, bn: Node) -> bool:
-        """Does ``bn`` read a tensor it does not own: a sum, a concatenation, the input, a shared tensor?
+        """Does ``bn`` read a tensor it does not own: a sum, a concatenation, the input, a shared tensor?"""
+        return self.junction(bn) is not None
 
-        The walk goes back through single-use channel-wise ops and ends at the op that made
-        the channels; only a conv, linear or depthwise conv used by this path alone is owned.
-        """
+    def junction(self, bn: Node) -> str | None:
+        """What ``bn`` reads when it does not own its input: ``"paper"`` for a residual sum, a
+        concatenation or the network input (where network slimming puts a channel selection),
+        ``"shared"`` for a tensor also used elsewhere or an op that cannot be narrowed; ``None``
+        when it owns it (the walk back through single-use channel-wise ops ends at a conv,
+        linear or depthwise conv used by this path alone)."""
         node = bn.args[0]
         while isinstance(node, Node):
+            if node.op == "placeholder" or (node.op == "call_function" and node.target in (*ADD, *CAT)):
+                return "paper"
             users = [u for u in node.users if u.op != "call_method" or u.target not in ("size", "dim")]
             if len(users) > 1:
-                return True
+                return "shared"
             if node.op == "call_module":
                 m = self.modules[node.target]
                 if isinstance(m, _ConvNd) and not m.transposed:
-                    return not (m.groups == 1 or m.groups == m.in_channels)
-                if isinstance(m, nn.Linear):
-                    return False
-                if isinstance(m, ChannelSelection):
-                    return False
+                    return None if (m.groups == 1 or m.groups == m.in_channels) else "shared"
+                if isinstance(m, nn.Linear | ChannelSelection):
+                    return None
             inputs = self.tensor_inputs(node)
-            if node.op == "placeholder" or len(inputs) != 1 or (
-                    node.op == "call_function" and node.target in (*ADD, *CAT, *MUL)):
-                return True
-            if node.op == "call_function" and node.target is operator.getitem:
-                return True
+            if len(inputs) != 1 or (node.op == "call_function" and node.target in (*MUL, operator.getitem)):
+                return "shared"
             node = inputs[0]
-        return True
+        return "shared"
 
     def visit_conv(self, node: Node, m: _ConvNd, src: Node) -> None:
         a, b = self.shapes[src], self.shapes.get(node)
@@ -700,7 +708,19 @@ def channel_flow(gm: GraphModule, shapes: dict[Node, tuple[int, ...]], counts: d
     """The channel ids, classes and frozen classes of ``gm`` (see the module docstring)."""
     if coupling not in COUPLINGS:
         raise ValueError(f"coupling must be one of {', '.join(COUPLINGS)}, got {coupling!r}")
-    return _Builder(gm, shapes, counts, coupling).run()
+    if coupling != "auto":
+        return _Builder(gm, shapes, counts, coupling).run()
+    # auto: joint groups, with network slimming's selections in front of BatchNorms that read a
+    # residual sum, a concatenation or the input; then a selection also in front of any other
+    # BatchNorm reading a shared tensor that the first pass cannot prune at all
+    joint = _Builder(gm, shapes, counts, "auto")
+    flow = joint.run()
+    table = flow.root_table()
+    stuck = {name for name, (node, ids) in flow.bns.items()
+             if all(int(r) in flow.frozen for r in table[ids].tolist()) and joint.reads_junction(node)}
+    if not stuck:
+        return flow
+    return _Builder(gm, shapes, counts, "auto", select=stuck | flow.selected).run()
 
 
 def groups_of(flow: Flow, names: Iterable[str]) -> dict[str, str]:

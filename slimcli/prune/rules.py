@@ -259,9 +259,41 @@ def _keep(
             mask[torch.argsort(s, descending=True, stable=True)[:need]] = True
             bit[name] = (by_rule, need)
         masks[name] = mask
-    if bns is not None and bit:
+    keep_one = getattr(bns, "keep_one", None)
+    if bns is not None and keep_one and min_channels >= 1:
+        masks = _keep_every_tensor(masks, scores, bns, keep_one)
+    elif bns is not None and bit:
         masks = couple_masks(masks, bns)
     return masks, bit, emptied
+
+
+def _keep_every_tensor(masks: dict[str, Tensor], scores: Mapping[str, Tensor], bns: Mapping[str, BNInfo],
+                       keep_one: Sequence[tuple[int, ...]]) -> dict[str, Tensor]:
+    """Give back the strongest coupled class of every tensor the masks would empty, then couple."""
+    masks = couple_masks(masks, bns)
+    kept: set[int] = set()
+    best: dict[int, float] = {}
+    for name, mask in masks.items():
+        classes = bns[name].classes
+        if classes is None:
+            continue
+        c = torch.tensor(classes, dtype=torch.long)
+        kept.update(c[mask].tolist())
+        for k, v in zip(classes, scores[name].tolist(), strict=True):
+            best[k] = max(best.get(k, -math.inf), v)
+    extra = set()
+    for group in keep_one:
+        if not kept.intersection(group) and not extra.intersection(group):
+            extra.add(max(group, key=lambda k: (best.get(k, -math.inf), -k)))
+    if not extra:
+        return masks
+    wanted = torch.tensor(sorted(extra), dtype=torch.long)
+    out = {}
+    for name, mask in masks.items():
+        classes = bns[name].classes
+        ids = None if classes is None else torch.tensor(classes, dtype=torch.long)
+        out[name] = mask if ids is None else mask | torch.isin(ids, wanted)
+    return out
 
 
 def _emptied_error(emptied: Sequence[str], what: str) -> PruneError:

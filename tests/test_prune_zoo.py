@@ -1,0 +1,137 @@
+"""Coupled groups on zoo-style networks: slim == masked dense, rebuilds, exports, and honest reasons."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from _zoo import SHAPE, ZOO
+from torch import nn
+
+from slimcli.prune import apply_widths, compute_keep, masked_dense, prunable_bns, prune_model
+from slimcli.testing import randomize_batchnorms
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return randomize_batchnorms(ZOO[name]().double().eval(), seed)
+
+
+def x_of(n: int = 3) -> torch.Tensor:
+    return torch.randn(n, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+
+
+@pytest.mark.parametrize("coupling", ["auto", "joint", "select"])
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_slim_equals_masked_dense_and_rebuilds(name: str, coupling: str) -> None:
+    model = build(name)
+    bns = prunable_bns(model, SHAPE, coupling=coupling)
+    if not any(b.prunable for b in bns.values()):
+        # only --coupling select may find nothing: every BN is tied to another one
+        assert coupling == "select", {n: b.reason for n, b in bns.items()}
+        assert all("tied to" in b.reason or "selection" in b.reason for b in bns.values()), bns
+        return
+    x = x_of()
+    for ratio in (0.3, 0.7):
+        plan = compute_keep(model, "ratio", ratio, input_shape=SHAPE, bns=bns, coupling=coupling)
+        slim, report = prune_model(model, plan, input_shape=SHAPE)
+        assert report.params_after < report.params_before, (name, ratio)
+        with torch.no_grad():
+            torch.testing.assert_close(slim(x), masked_dense(model, plan)(x), rtol=1e-6, atol=1e-9)
+        # the checkpoint's structure record (widths + dense keep masks + coupling) rebuilds it exactly
+        fresh = ZOO[name]().double().eval()
+        rebuilt = apply_widths(fresh, report.widths, input_shape=SHAPE, keep=report.keep, coupling=coupling)
+        rebuilt.load_state_dict(slim.state_dict(), strict=True)
+        with torch.no_grad():
+            assert torch.equal(rebuilt.eval()(x), slim(x))
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_slim_models_export_and_match_in_onnxruntime(name: str) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    model = build(name).float()
+    slim, _ = prune_model(model, compute_keep(model, "ratio", 0.5, input_shape=SHAPE), input_shape=SHAPE)
+    x = x_of(2).float()
+    buf = io.BytesIO()
+    torch.onnx.export(slim, (x,), buf, dynamo=False, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    (got,) = ort.InferenceSession(buf.getvalue()).run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), slim(x), rtol=1e-4, atol=1e-5)
+
+
+def test_zoo_coverage_and_reasons() -> None:
+    """Which channels go together, and the true reason where they cannot go."""
+    share = {}
+    for name in ZOO:
+        bns = prunable_bns(build(name), SHAPE)
+        share[name] = sum(b.prunable for b in bns.values()) / len(bns)
+    # every BN of these prunes (jointly where tied)
+    for name in ("postact-bottleneck", "mobilenetv2", "se-hardswish", "repvgg", "ghostnet", "csp",
+                 "densenet", "preact"):
+        assert share[name] == 1.0, (name, share[name])
+
+    mb = prunable_bns(build("mobilenetv2"), SHAPE)
+    assert mb["exp_bn"].group == mb["dw_bn"].group  # the depthwise conv ties both sides
+    assert mb["stem_bn"].group == mb["proj_bn"].group  # the residual sum
+    assert mb["exp_bn"].kind == "BatchNormAct2d"  # fused BN+act traced as one node
+
+    shuffle = prunable_bns(build("shufflenet"), SHAPE)
+    # the half that passes the shuffle stays, the half that feeds the branch's conv can go
+    assert shuffle["stem.1"].prunable and shuffle["stem.1"].frozen_channels == 4
+    assert shuffle["branch.0.1"].prunable
+    frozen = prunable_bns(build("shufflenet"), SHAPE)["branch.2.1"]  # its output is shuffled
+    assert not frozen.prunable and "regroups channels" in frozen.reason
+
+    resnext = prunable_bns(build("resnext"), SHAPE)
+    assert not resnext["reduce.1"].prunable and "grouped conv" in resnext["reduce.1"].reason
+    assert resnext["stem.1"].prunable and resnext["stem.1"].group == "stem.1"
+
+    att = prunable_bns(build("spatial-attention"), SHAPE)
+    # a mean over the channels changes when a channel goes (it divides by C): those channels stay
+    assert not att["a.1"].prunable and ".mean()" in att["a.1"].reason
+    assert att["b.1"].prunable and att["b.1"].consumers == ("fc",)  # through a hard-coded flatten view
+
+    rep = prunable_bns(build("repvgg"), SHAPE)  # the identity branch joins the trunk: no selection
+    assert not any(b.needs_selection for b in rep.values())
+    assert rep["stem.1"].group == rep["idbn"].group == rep["k3.1"].group
+
+
+def test_fused_bn_with_a_non_zero_activation_is_not_assumed_zero() -> None:
+    """BatchNorm + sigmoid fused: a zeroed channel outputs 0.5, so the next conv must keep reading it."""
+    from _zoo import BatchNormAct2d
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, 1, 1, bias=False)
+            self.bn = BatchNormAct2d(4, nn.Sigmoid)
+            self.conv2 = nn.Conv2d(4, 3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv2(self.bn(self.conv(x))).mean((2, 3))
+
+    b = prunable_bns(M(), SHAPE)["bn"]
+    assert not b.prunable and "Sigmoid" in b.reason
+
+
+def test_unknown_ops_freeze_with_a_reason_and_never_crash() -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, 1, 1, bias=False)
+            self.bn = nn.BatchNorm2d(4)
+            self.conv2 = nn.Conv2d(4, 4, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = torch.softmax(self.bn(self.conv(x)), dim=1)  # mixes channels
+            b = torch.relu(self.bn2(self.conv2(a)))
+            return torch.einsum("nchw->nc", b)
+
+    bns = prunable_bns(M(), SHAPE)
+    assert not bns["bn"].prunable and "softmax" in bns["bn"].reason
+    assert not bns["bn2"].prunable and "einsum" in bns["bn2"].reason
