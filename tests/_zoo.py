@@ -183,7 +183,8 @@ class DenseNetish(nn.Module):
         self.layers = nn.ModuleList()
         c = 6
         for _ in range(3):
-            self.layers.append(nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, 4, 3, 1, 1, bias=False)))
+            conv = nn.Conv2d(c, 4, 3, 1, 1, bias=False)
+            self.layers.append(nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), conv))
             c += 4
         self.bn = nn.BatchNorm2d(c)
         self.head = Head(c)
