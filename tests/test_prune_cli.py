@@ -24,6 +24,7 @@ from slimcli.flows import prune as pc
 from slimcli.measure import measure
 from slimcli.model import build_model, evaluate
 from slimcli.prune import compute_keep, masked_dense, prunable_bns, prune_model
+from slimcli.prune.surgery import decode_keep
 from slimcli.registry import ARCHS
 
 ARCH = "vgg:depth=11,width=0.0625"  # BN widths 4, 8, 16, 16, 32, 32, 32, 32
@@ -503,3 +504,34 @@ def test_unreachable_target_names_the_option(tmp_path: Path, capsys: pytest.Capt
     assert code == 1 and stdout == "" and last.startswith("Error: cannot keep only 1e-06 of the parameters")
     assert "(--min-channels 2)" in last and "ask for a larger fraction" in last
     assert not (tmp_path / "a-pruned.safetensors").exists()
+
+
+def test_coupling_and_round_to_through_the_cli_rebuild_exactly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A post-activation ResNet: auto prunes its residual groups jointly, the checkpoint records the
+    coupling and the exact kept channels, and it rebuilds to the masked dense model; --round-to 4
+    gives multiples of 4; re-pruning with another coupling is refused; select keeps the old result."""
+    arch = "resnet56:depth=8"
+    dense = _model(arch)
+    ckpt, _ = _ckpt(tmp_path / "r.safetensors", dense, arch=arch)
+    res = _json(["prune", "--recalibrate", "0", str(ckpt), "--ratio", "0.5", "--round-to", "4"], capsys)
+    loaded = load_checkpoint(Path(res["out"]))
+    assert loaded.meta["coupling"] == "auto" and loaded.meta["prune"]["groups"]
+    assert all(w % 4 == 0 or w == _bns(dense)[n].num_features for n, w in loaded.widths.items())
+    rounding = loaded.meta["prune"]["rounding"]
+    assert rounding["round_to"] == 4 and rounding["params_unrounded"] <= loaded.meta["prune"]["params_after"]
+    slim = build_model(loaded)
+    masks = decode_keep(loaded.meta["keep"])
+    _same_outputs(slim, masked_dense(dense, masks))
+
+    code, _, stderr = run_cli(["prune", "--recalibrate", "0", res["out"], "--ratio", "0.3",
+                               "--coupling", "select", "--out", str(tmp_path / "again.safetensors")], capsys)
+    assert code == 1 and "pruned with --coupling auto" in stderr and stderr.count("Error:") == 1
+
+    old = _json(["prune", "--recalibrate", "0", str(ckpt), "--ratio", "0.5", "--coupling", "select",
+                 "--out", str(tmp_path / "sel.safetensors")], capsys)
+    rows = {r["name"]: r for r in old["layers"]}
+    assert not rows["stage1.0.bn2"]["prunable"] and "tied to" in rows["stage1.0.bn2"]["reason"]
+    code, _, stderr = run_cli(["prune", str(ckpt), "--ratio", "0.5", "--coupling", "both"], capsys)
+    assert code == 2 and "coupling" in stderr

@@ -135,3 +135,26 @@ def test_unknown_ops_freeze_with_a_reason_and_never_crash() -> None:
     bns = prunable_bns(M(), SHAPE)
     assert not bns["bn"].prunable and "softmax" in bns["bn"].reason
     assert not bns["bn2"].prunable and "einsum" in bns["bn2"].reason
+
+
+@pytest.mark.parametrize("name", ["postact-bottleneck", "mobilenetv2", "ghostnet", "csp", "densenet"])
+def test_round_to_gives_multiples_and_stays_exact(name: str) -> None:
+    model = build(name)
+    bns = prunable_bns(model, SHAPE)
+    plain = compute_keep(model, "ratio", 0.5, input_shape=SHAPE, bns=bns)
+    plan = compute_keep(model, "ratio", 0.5, input_shape=SHAPE, bns=bns, round_to=4)
+    for n, mask in plan.masks.items():
+        kept, total = int(mask.sum()), mask.numel()
+        assert kept % 4 == 0 or kept == total, (n, kept, total)
+        assert bool((mask | ~plain.masks[n]).all()), n  # rounding only gives channels back
+        # the ones given back are the strongest of those the rule dropped
+        added = mask & ~plain.masks[n]
+        dropped = ~mask
+        if added.any() and dropped.any() and bns[n].classes is None:
+            g = model.get_submodule(n).weight.detach().abs()
+            assert float(g[added].min()) >= float(g[dropped].max()), n
+    slim, _ = prune_model(model, plan, input_shape=SHAPE)
+    x = x_of()
+    with torch.no_grad():
+        torch.testing.assert_close(slim(x), masked_dense(model, plan)(x), rtol=1e-6, atol=1e-9)
+    assert plan.summary()["round_to"] == 4

@@ -396,6 +396,10 @@ def inspect(
     min_channels: Annotated[int, typer.Option(
         "--min-channels", callback=_min_channels,
         help="Channels every layer keeps at least, as slim prune does.")] = 1,
+    round_to: Annotated[int, typer.Option(
+        "--round-to", metavar="N", min=1, max=4096,
+        help="Kept channel counts become multiples of N (adding back the largest-|γ| channels; a layer "
+             "narrower than N stays whole). 8 or 16 let CPU runtimes use their blocked conv kernels.")] = 1,
     coupling: Annotated[str | None, typer.Option(
         "--coupling", callback=coupling_callback, help=COUPLING_HELP, show_default=False)] = None,
     bins: Annotated[int, typer.Option("--bins", min=1, max=500, help="Bins of the log10|γ| histogram.")] = 20,
@@ -414,7 +418,7 @@ def inspect(
             raise SlimError(f"cannot write the plot: folder {plot.parent} does not exist; create it first")
     with err.status(f"inspecting {ckpt} …") as status:
         doc = inspect_checkpoint(ckpt, ratio=ratio, min_channels=min_channels, bins=bins, coupling=coupling,
-                                 log=lambda msg: status.update(f"{msg} …"))
+                                 round_to=round_to, log=lambda msg: status.update(f"{msg} …"))
     if as_json:
         typer.echo(json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False))
     else:

@@ -90,6 +90,10 @@ def sweep(
         "--min-channels", callback=_min_channels, show_default=False,
         help="Keep at least N channels per layer and sweep on [default: stop where a layer would "
              "empty, as the paper].")] = None,
+    round_to: Annotated[int, typer.Option(
+        "--round-to", metavar="N", min=1, max=4096,
+        help="Kept channel counts become multiples of N (adding back the largest-|γ| channels; a layer "
+             "narrower than N stays whole). 8 or 16 let CPU runtimes use their blocked conv kernels.")] = 1,
     coupling: Annotated[str | None, typer.Option(
         "--coupling", callback=coupling_callback, help=COUPLING_HELP, show_default=False)] = None,
     fold_shift: Annotated[bool, typer.Option(
@@ -119,7 +123,7 @@ def sweep(
 
     settings = SweepSettings(recalibrate=recalibrate, finetune_epochs=finetune_epochs,
                              finetune_lr=finetune_lr, min_channels=min_channels, fold_shift=fold_shift,
-                             coupling=coupling, seed=seed)
+                             coupling=coupling, round_to=round_to, seed=seed)
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal)
     with bar:

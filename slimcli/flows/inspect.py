@@ -166,6 +166,7 @@ def inspect_checkpoint(
     ratios: Iterable[float] | None = None,
     log: Log | None = None,
     coupling: str | None = None,
+    round_to: int = 1,
 ) -> dict[str, Any]:
     """Everything ``slim inspect`` shows, as a JSON-ready dict (keys in ``docs/inspect.md``).
 
@@ -198,14 +199,16 @@ def inspect_checkpoint(
     bit: dict[str, tuple[int, int]] = {}
     emptied: list[str] = []
     if scores:
-        plan = compute_keep(model, "ratio", ratio, max(min_channels, 1), bns=bns, coupling=coupling)
+        plan = compute_keep(model, "ratio", ratio, max(min_channels, 1), bns=bns, coupling=coupling,
+                            round_to=round_to)
         threshold, bit, emptied = plan.threshold, dict(plan.min_channels_bit), list(plan.emptied)
         kept = plan.widths
         if min_channels == 0:  # no floor: an emptied layer keeps nothing (prune would refuse)
             kept.update(dict.fromkeys(emptied, 0))
             bit = {}
     rows, method = what_if(model, shape, grid, min_channels=min_channels, bns=bns,
-                           twin=twin, dense=dense, check_ratios=[ratio], log=log, coupling=coupling)
+                           twin=twin, dense=dense, check_ratios=[ratio], log=log, coupling=coupling,
+                           round_to=round_to)
     bound, first = safe_below(scores)
     under = sum(int((s <= threshold).sum()) for s in scores.values()) if threshold is not None else 0
     meta = {k: v for k, v in ckpt.meta.items() if k != "lineage"}
@@ -219,7 +222,8 @@ def inspect_checkpoint(
             "params": dense.params, "macs": dense.macs, "flops": dense.flops,
             "batchnorms": len(bns), "prunable_batchnorms": len(scores), "prunable_channels": total,
         },
-        "settings": {"ratio": ratio, "min_channels": min_channels, "bins": bins, "coupling": coupling},
+        "settings": {"ratio": ratio, "min_channels": min_channels, "bins": bins, "coupling": coupling,
+                     "round_to": round_to},
         "at_ratio": {
             "ratio": ratio, "threshold": threshold, "channels_total": total,
             "channels_under": under,

@@ -44,6 +44,7 @@ from slimcli.model import recalibrate as recalibrate_model
 from slimcli.prune.fold import fold_summary
 from slimcli.prune.rules import RULE_VALUES, KeepPlan, check_min_channels, check_rule, compute_keep
 from slimcli.prune.surgery import PruneReport, encode_keep, prune_model
+from slimcli.prune.whatif import meta_twin
 from slimcli.train.device import resolve_device
 
 SUFFIX = ".safetensors"
@@ -177,6 +178,19 @@ class Pruned:
     loss: float | None
     #: {"images": N, "seed", "batch_size", "split"} or {"images": 0, "note": why not}
     recalibration: dict[str, Any] = field(default_factory=dict)
+    #: with round_to > 1: {"round_to", "channels_added", "params_unrounded", "flops_unrounded"}
+    rounding: dict[str, Any] | None = None
+
+
+def _rounding(model: nn.Module, plan: KeepPlan, shape: Any, rule: str, value: float, min_channels: int,
+              coupling: str) -> dict[str, Any]:
+    """What --round-to changed: channels given back, and the params/FLOPs the rule alone reached."""
+    plain = compute_keep(model, rule, value, min_channels, input_shape=shape, coupling=coupling)
+    twin = meta_twin(model)
+    unrounded, _ = prune_model(twin, plain.masks, input_shape=shape, coupling=coupling)
+    cost = measure(unrounded, shape)
+    return {"round_to": plan.round_to, "channels_added": plan.kept_channels - plain.kept_channels,
+            "params_unrounded": cost.params, "flops_unrounded": cost.flops}
 
 
 def structure_coupling(ckpt: Checkpoint, coupling: str | None) -> str:
@@ -212,6 +226,7 @@ def prune_loaded(
     calibration: Tensor | None = None,
     dense: Measurement | None = None,
     coupling: str | None = None,
+    round_to: int = 1,
 ) -> Pruned:
     """Prune ``model`` (the dense model ``ckpt`` describes, left untouched) and measure it.
 
@@ -227,13 +242,17 @@ def prune_loaded(
         raise UsageError(f"recalibrate must be an integer >= 0 (images; 0 = off), got {recalibrate!r}")
     shape = ckpt.input_shape
     coupling = structure_coupling(ckpt, coupling)
-    plan = compute_keep(model, rule, value, min_channels, input_shape=shape, coupling=coupling)
+    plan = compute_keep(model, rule, value, min_channels, input_shape=shape, coupling=coupling,
+                        round_to=round_to)
     widest = max((m.numel() for m in plan.masks.values()), default=0)
     if widest and min_channels >= widest:
         raise PruneError(f"--min-channels {min_channels} keeps every channel: the widest prunable layer has "
                          f"{widest}, so nothing would be pruned; use fewer than {widest} (default 1)")
     slim, report = prune_model(model, plan, input_shape=shape, fold_shift=fold_shift)
     slim.eval()
+    rounding = None
+    if round_to > 1:
+        rounding = _rounding(model, plan, shape, rule, value, min_channels, coupling)
     before, after = dense or measure(model, shape), measure(slim, shape)
     dataset = str(ckpt.meta.get("dataset") or "")
     norm = normalization_of(ckpt.meta)
@@ -266,7 +285,8 @@ def prune_loaded(
     if eval and recal["images"]:
         loss, accuracy = test()
     slim.to("cpu").eval()
-    return Pruned(plan, report, slim, before, after, acc_surgery, loss_surgery, accuracy, loss, recal)
+    return Pruned(plan, report, slim, before, after, acc_surgery, loss_surgery, accuracy, loss, recal,
+                  rounding)
 
 
 def _dataset_norm(spec: str) -> tuple[list[float], list[float]]:
@@ -291,7 +311,11 @@ def pruned_meta(ckpt: Checkpoint, pruned: Pruned, command: str | None = None) ->
         "source_sha256": ckpt.sha256,
         "fold_shift": report.fold_shift,
         "recalibration": dict(pruned.recalibration),
+        "coupling": report.coupling,
+        "groups": report.groups,
     }
+    if pruned.rounding is not None:
+        prune["rounding"] = dict(pruned.rounding)
     if report.fold_shift:
         prune["fold"] = fold_summary(report.folds)
     if pruned.accuracy is not None:
@@ -333,6 +357,7 @@ def prune_checkpoint(
     seed: int = 0,
     force: bool = False,
     coupling: str | None = None,
+    round_to: int = 1,
 ) -> PruneResult:
     """Prune the checkpoint at ``ckpt_path`` under ``rule`` and write the slim checkpoint.
 
@@ -376,7 +401,7 @@ def prune_checkpoint(
     say(f"pruning {source} ({ckpt.arch}, stage {ckpt.stage or '?'}) with {rule.replace('_', '-')} {value:g}")
     pruned = prune_loaded(ckpt, model, rule, value, min_channels, fold_shift=fold_shift,
                           recalibrate=recalibrate, seed=seed, eval=eval, device=device,
-                          data_dir=data_dir, log=say, coupling=coupling)
+                          data_dir=data_dir, log=say, coupling=coupling, round_to=round_to)
     slim = pruned.model
     meta = pruned_meta(ckpt, pruned, command)
 

@@ -79,6 +79,13 @@ def check_ratio(value: float, *, allow_zero: bool = False) -> float:
     return v
 
 
+def check_round_to(value: int) -> int:
+    """``round_to``: kept channel counts become multiples of this (1: the paper's rule)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
+        raise UsageError(f"round_to must be an integer in 1..4096, got {value!r}")
+    return value
+
+
 def check_min_channels(value: int) -> int:
     """``value`` if it is an integer >= 0 (not a bool), else a :class:`UsageError`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -125,6 +132,8 @@ class KeepPlan:
     achieved: float | None = None
     #: how coupled channels are pruned (see :mod:`slimcli.prune.groups`)
     coupling: str = "auto"
+    #: kept counts are multiples of this (or the layer's full width)
+    round_to: int = 1
 
     @property
     def widths(self) -> dict[str, int]:
@@ -158,6 +167,7 @@ class KeepPlan:
             "min_channels_bit": {k: list(v) for k, v in self.min_channels_bit.items()},
             "emptied_by_rule": list(self.emptied),
             "coupling": self.coupling,
+            "round_to": self.round_to,
         }
         if self.achieved is not None:
             out["achieved"] = self.achieved
@@ -243,7 +253,7 @@ def ratio_threshold(scores: Mapping[str, Tensor], ratio: float) -> float | None:
 
 def _keep(
     scores: Mapping[str, Tensor], threshold: float | None, min_channels: int,
-    bns: Mapping[str, BNInfo] | None = None,
+    bns: Mapping[str, BNInfo] | None = None, round_to: int = 1,
 ) -> tuple[dict[str, Tensor], dict[str, tuple[int, int]], list[str]]:
     masks: dict[str, Tensor] = {}
     bit: dict[str, tuple[int, int]] = {}
@@ -264,7 +274,34 @@ def _keep(
         masks = _keep_every_tensor(masks, scores, bns, keep_one)
     elif bns is not None and bit:
         masks = couple_masks(masks, bns)
+    if round_to > 1:
+        masks = round_masks(masks, scores, bns or {}, round_to)
     return masks, bit, emptied
+
+
+def round_masks(masks: dict[str, Tensor], scores: Mapping[str, Tensor], bns: Mapping[str, BNInfo],
+                n: int) -> dict[str, Tensor]:
+    """Round every kept count up to a multiple of ``n`` (or the layer's width), adding back the
+    largest-score channels; coupled channels come back everywhere at once, until every count fits.
+
+    Rounding up only ever keeps more, so it converges; a layer narrower than ``n`` stays whole.
+    """
+    masks = {k: v.clone() for k, v in masks.items()}
+    for _ in range(64):
+        changed = False
+        for name, mask in masks.items():
+            kept, total = int(mask.sum()), mask.numel()
+            target = min(-(-kept // n) * n, total) if kept else 0
+            if target > kept:
+                free = torch.where(mask, -math.inf, scores[name])
+                order = torch.argsort(free, descending=True, stable=True)
+                mask[order[: target - kept]] = True
+                changed = True
+        if not changed:
+            return masks
+        if any(b.classes is not None for b in bns.values()):
+            masks = couple_masks(masks, bns)
+    return masks
 
 
 def _keep_every_tensor(masks: dict[str, Tensor], scores: Mapping[str, Tensor], bns: Mapping[str, BNInfo],
@@ -314,6 +351,7 @@ def compute_keep(
     measure: Measure | None = None,
     coupling: str = "auto",
     group_score: str = "max",
+    round_to: int = 1,
 ) -> KeepPlan:
     """Keep masks for every prunable BatchNorm under ``rule`` (see the module docstring).
 
@@ -325,6 +363,7 @@ def compute_keep(
     """
     value = check_rule(rule, value, allow_zero=True)
     check_min_channels(min_channels)
+    check_round_to(round_to)
     shape = tuple(input_shape) if input_shape is not None else getattr(model, "input_shape", None)
     if bns is None:
         bns = analyze(model, shape, coupling=coupling).bns
@@ -333,19 +372,20 @@ def compute_keep(
         why = "; ".join(f"{n}: {b.reason}" for n, b in bns.items()) or "it has no BatchNorm at all"
         raise PruneError(f"{type(model).__name__} has nothing to prune ({why})")
     if rule in ("target_params", "target_flops"):
-        plan = _search_target(model, rule, value, min_channels, scores, shape, measure, bns, coupling)
-        plan.coupling = coupling
+        plan = _search_target(model, rule, value, min_channels, scores, shape, measure, bns, coupling,
+                              round_to)
+        plan.coupling, plan.round_to = coupling, round_to
         return plan
     if rule == "ratio":
         threshold = ratio_threshold(scores, value)
         what = f"ratio {value:g}"
     else:
         threshold, what = value, f"threshold {value:g}"
-    masks, bit, emptied = _keep(scores, threshold, min_channels, bns)
+    masks, bit, emptied = _keep(scores, threshold, min_channels, bns, round_to)
     if emptied and min_channels == 0:
         raise _emptied_error(emptied, what)
     return KeepPlan(rule, value, threshold, masks, min_channels, bit, emptied,
-                    tuple(shape) if shape is not None else None, coupling=coupling)
+                    tuple(shape) if shape is not None else None, coupling=coupling, round_to=round_to)
 
 
 def _metric(rule: str, measure: Measure, shape: Sequence[int] | None) -> Callable[[nn.Module], float]:
@@ -363,6 +403,7 @@ def _search_target(
     measure: Measure | None,
     bns: Mapping[str, BNInfo],
     coupling: str,
+    round_to: int = 1,
 ) -> KeepPlan:
     metric = _metric(rule, measure or _measure, shape)
     analysis = analyze(copy.deepcopy(model), shape, coupling=coupling)
@@ -378,7 +419,7 @@ def _search_target(
 
     def kept_at(i: int) -> float:  # i = -1: keep everything; else keep |γ| > candidates[i]
         if i not in cache:
-            keep = _keep(scores, None if i < 0 else float(candidates[i]), min_channels, bns)
+            keep = _keep(scores, None if i < 0 else float(candidates[i]), min_channels, bns, round_to)
             widths = {n: int(m.sum()) for n, m in keep[0].items()}
             cache[i] = (metric(rebuild(analysis.clone(), widths, keep=keep[0])), keep)
         return cache[i][0]

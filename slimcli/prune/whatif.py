@@ -232,6 +232,7 @@ def what_if(
     dense: Measurement | None = None,
     log: Log | None = None,
     coupling: str = "auto",
+    round_to: int = 1,
 ) -> tuple[list[WhatIfRow], dict[str, Any]]:
     """One row per ratio (default :func:`ratio_grid`, sorted, duplicates dropped): the slim
     model ``slim prune --ratio R --min-channels N`` would build, and how it was computed.
@@ -270,7 +271,7 @@ def what_if(
         # compute_keep is exactly what `slim prune --ratio` uses; with min_channels 0 it refuses
         # a ratio that empties a layer, and the layers it would empty do not depend on min_channels
         plan = compute_keep(model, "ratio", ratio, max(min_channels, 1), input_shape=shape, bns=bns,
-                            coupling=coupling)
+                            coupling=coupling, round_to=round_to)
         widths = plan.widths
         masks[ratio] = plan.masks
         exists = not (plan.emptied and min_channels == 0)
