@@ -158,3 +158,33 @@ def test_round_to_gives_multiples_and_stays_exact(name: str) -> None:
     with torch.no_grad():
         torch.testing.assert_close(slim(x), masked_dense(model, plan)(x), rtol=1e-6, atol=1e-9)
     assert plan.summary()["round_to"] == 4
+
+
+@pytest.mark.parametrize("spec", ["resnet164:depth=11", "densenet40:depth=7,growth=4,stem=8"])
+def test_zero_realised_selections_are_exact_gather_free_and_rebuild(spec: str) -> None:
+    """--selections zero: BNs reading a shared tensor keep their width (γ = β = 0 on the pruned
+    channels) instead of a channel selection; same outputs, no ChannelSelection, strict rebuild."""
+    from slimcli.archs import create_arch
+    from slimcli.prune import ChannelSelection
+
+    torch.manual_seed(0)
+    model = randomize_batchnorms(create_arch(spec, 10, (3, 32, 32)).double().eval(), 0)
+    shape = (3, 32, 32)
+    plan = compute_keep(model, "ratio", 0.5, input_shape=shape)
+    gathered, g_report = prune_model(model, plan, input_shape=shape)
+    zeroed, z_report = prune_model(model, plan, input_shape=shape, selections="zero")
+    x = torch.randn(2, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = masked_dense(model, plan)(x)
+        torch.testing.assert_close(zeroed(x), want, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(gathered(x), want, rtol=1e-6, atol=1e-9)
+    assert any(isinstance(m, ChannelSelection) for m in gathered.modules())
+    assert not any(isinstance(m, ChannelSelection) for m in zeroed.modules())
+    forms = {r.name: r.form for r in z_report.layers if r.form}
+    assert "zero" in forms.values() and z_report.params_after >= g_report.params_after
+    assert [r.kept for r in z_report.layers] == [r.kept for r in g_report.layers]  # same channels pruned
+    rebuilt = apply_widths(create_arch(spec, 10, shape).double(), z_report.widths, input_shape=shape,
+                           keep=z_report.keep)
+    rebuilt.load_state_dict(zeroed.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x), zeroed(x))

@@ -90,3 +90,19 @@ def coupling_callback(value: str | None) -> str | None:
     if value is not None and value not in COUPLINGS:
         raise typer.BadParameter(f"must be one of {', '.join(COUPLINGS)}, got {value!r}")
     return value
+
+
+SELECTIONS = ("auto", "gather", "zero")
+SELECTIONS_HELP = (
+    "How a BN that reads a shared tensor (a selection in --coupling auto/select) loses channels: "
+    "gather = network slimming's channel selection in front (an ONNX Gather; the paper's parameter "
+    "counts); zero = it keeps its width with γ = β = 0 on the pruned channels (exact, no gather, the "
+    "next layer keeps its inputs); auto = a gather only where it saves enough MACs per copied element "
+    "(docs/pruning.md).")
+
+
+def selections_callback(value: str) -> str:
+    """Validate --selections."""
+    if value not in SELECTIONS:
+        raise typer.BadParameter(f"must be one of {', '.join(SELECTIONS)}, got {value!r}")
+    return value

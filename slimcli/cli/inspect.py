@@ -14,7 +14,15 @@ from rich.table import Table
 from rich.text import Text
 
 from slimcli._fs import atomic_write_bytes
-from slimcli.cli._common import COUPLING_HELP, coupling_callback, err, library_check, out
+from slimcli.cli._common import (
+    COUPLING_HELP,
+    SELECTIONS_HELP,
+    coupling_callback,
+    err,
+    library_check,
+    out,
+    selections_callback,
+)
 from slimcli.cli.app import app
 from slimcli.errors import SlimError
 
@@ -400,6 +408,8 @@ def inspect(
         "--round-to", metavar="N", min=1, max=4096,
         help="Kept channel counts become multiples of N (adding back the largest-|γ| channels; a layer "
              "narrower than N stays whole). 8 or 16 let CPU runtimes use their blocked conv kernels.")] = 1,
+    selections: Annotated[str, typer.Option(
+        "--selections", callback=selections_callback, help=SELECTIONS_HELP)] = "gather",
     coupling: Annotated[str | None, typer.Option(
         "--coupling", callback=coupling_callback, help=COUPLING_HELP, show_default=False)] = None,
     bins: Annotated[int, typer.Option("--bins", min=1, max=500, help="Bins of the log10|γ| histogram.")] = 20,
@@ -418,7 +428,8 @@ def inspect(
             raise SlimError(f"cannot write the plot: folder {plot.parent} does not exist; create it first")
     with err.status(f"inspecting {ckpt} …") as status:
         doc = inspect_checkpoint(ckpt, ratio=ratio, min_channels=min_channels, bins=bins, coupling=coupling,
-                                 round_to=round_to, log=lambda msg: status.update(f"{msg} …"))
+                                 round_to=round_to, selections=selections,
+                                 log=lambda msg: status.update(f"{msg} …"))
     if as_json:
         typer.echo(json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False))
     else:

@@ -14,12 +14,14 @@ from rich.table import Table
 
 from slimcli.cli._common import (
     COUPLING_HELP,
+    SELECTIONS_HELP,
     coupling_callback,
     device_callback,
     err,
     library_check,
     non_negative,
     out,
+    selections_callback,
 )
 from slimcli.cli.app import app
 
@@ -191,6 +193,8 @@ def prune(
         "--round-to", metavar="N", min=1, max=4096,
         help="Kept channel counts become multiples of N (adding back the largest-|γ| channels; a layer "
              "narrower than N stays whole). 8 or 16 let CPU runtimes use their blocked conv kernels.")] = 1,
+    selections: Annotated[str, typer.Option(
+        "--selections", callback=selections_callback, help=SELECTIONS_HELP)] = "gather",
     coupling: Annotated[str | None, typer.Option(
         "--coupling", callback=coupling_callback, help=COUPLING_HELP, show_default=False)] = None,
     fold_shift: Annotated[bool, typer.Option(
@@ -241,7 +245,7 @@ def prune(
     result = prune_checkpoint(
         ckpt, rule, value, min_channels, out_path, eval=eval_, export=export,
         data_dir=data_dir, device=device, fold_shift=fold_shift, recalibrate=recalibrate, seed=seed,
-        force=force, coupling=coupling, round_to=round_to,
+        force=force, coupling=coupling, round_to=round_to, selections=selections,
         log=lambda msg: err.print(msg, markup=False, highlight=False),
     )
     if as_json:

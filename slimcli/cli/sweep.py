@@ -10,6 +10,7 @@ import typer
 
 from slimcli.cli._common import (
     COUPLING_HELP,
+    SELECTIONS_HELP,
     coupling_callback,
     device_callback,
     err,
@@ -17,6 +18,7 @@ from slimcli.cli._common import (
     non_negative,
     out,
     positive,
+    selections_callback,
 )
 from slimcli.cli.app import app
 
@@ -94,6 +96,8 @@ def sweep(
         "--round-to", metavar="N", min=1, max=4096,
         help="Kept channel counts become multiples of N (adding back the largest-|γ| channels; a layer "
              "narrower than N stays whole). 8 or 16 let CPU runtimes use their blocked conv kernels.")] = 1,
+    selections: Annotated[str, typer.Option(
+        "--selections", callback=selections_callback, help=SELECTIONS_HELP)] = "gather",
     coupling: Annotated[str | None, typer.Option(
         "--coupling", callback=coupling_callback, help=COUPLING_HELP, show_default=False)] = None,
     fold_shift: Annotated[bool, typer.Option(
@@ -123,7 +127,8 @@ def sweep(
 
     settings = SweepSettings(recalibrate=recalibrate, finetune_epochs=finetune_epochs,
                              finetune_lr=finetune_lr, min_channels=min_channels, fold_shift=fold_shift,
-                             coupling=coupling, round_to=round_to, seed=seed)
+                             coupling=coupling, round_to=round_to,
+                             selections=selections, seed=seed)
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal)
     with bar:

@@ -167,6 +167,7 @@ def inspect_checkpoint(
     log: Log | None = None,
     coupling: str | None = None,
     round_to: int = 1,
+    selections: str = "gather",
 ) -> dict[str, Any]:
     """Everything ``slim inspect`` shows, as a JSON-ready dict (keys in ``docs/inspect.md``).
 
@@ -208,7 +209,7 @@ def inspect_checkpoint(
             bit = {}
     rows, method = what_if(model, shape, grid, min_channels=min_channels, bns=bns,
                            twin=twin, dense=dense, check_ratios=[ratio], log=log, coupling=coupling,
-                           round_to=round_to)
+                           round_to=round_to, selections=selections)
     bound, first = safe_below(scores)
     under = sum(int((s <= threshold).sum()) for s in scores.values()) if threshold is not None else 0
     meta = {k: v for k, v in ckpt.meta.items() if k != "lineage"}

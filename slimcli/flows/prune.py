@@ -227,6 +227,7 @@ def prune_loaded(
     dense: Measurement | None = None,
     coupling: str | None = None,
     round_to: int = 1,
+    selections: str = "gather",
 ) -> Pruned:
     """Prune ``model`` (the dense model ``ckpt`` describes, left untouched) and measure it.
 
@@ -248,7 +249,7 @@ def prune_loaded(
     if widest and min_channels >= widest:
         raise PruneError(f"--min-channels {min_channels} keeps every channel: the widest prunable layer has "
                          f"{widest}, so nothing would be pruned; use fewer than {widest} (default 1)")
-    slim, report = prune_model(model, plan, input_shape=shape, fold_shift=fold_shift)
+    slim, report = prune_model(model, plan, input_shape=shape, fold_shift=fold_shift, selections=selections)
     slim.eval()
     rounding = None
     if round_to > 1:
@@ -313,6 +314,7 @@ def pruned_meta(ckpt: Checkpoint, pruned: Pruned, command: str | None = None) ->
         "recalibration": dict(pruned.recalibration),
         "coupling": report.coupling,
         "groups": report.groups,
+        "forms": {r.name: r.form for r in report.layers if r.form and r.form != "narrow"},
     }
     if pruned.rounding is not None:
         prune["rounding"] = dict(pruned.rounding)
@@ -358,6 +360,7 @@ def prune_checkpoint(
     force: bool = False,
     coupling: str | None = None,
     round_to: int = 1,
+    selections: str = "gather",
 ) -> PruneResult:
     """Prune the checkpoint at ``ckpt_path`` under ``rule`` and write the slim checkpoint.
 
@@ -401,7 +404,8 @@ def prune_checkpoint(
     say(f"pruning {source} ({ckpt.arch}, stage {ckpt.stage or '?'}) with {rule.replace('_', '-')} {value:g}")
     pruned = prune_loaded(ckpt, model, rule, value, min_channels, fold_shift=fold_shift,
                           recalibrate=recalibrate, seed=seed, eval=eval, device=device,
-                          data_dir=data_dir, log=say, coupling=coupling, round_to=round_to)
+                          data_dir=data_dir, log=say, coupling=coupling, round_to=round_to,
+                          selections=selections)
     slim = pruned.model
     meta = pruned_meta(ckpt, pruned, command)
 

@@ -78,6 +78,7 @@ class SweepSettings:
     seed: int = 0
     coupling: str | None = None  # None: auto (a slim checkpoint keeps its own)
     round_to: int = 1
+    selections: str = "gather"
 
     def validate(self) -> SweepSettings:
         for name in ("recalibrate", "finetune_epochs", "seed"):
@@ -93,6 +94,8 @@ class SweepSettings:
     def key(self) -> dict[str, Any]:
         key = {"recalibrate": self.recalibrate, "finetune_epochs": self.finetune_epochs,
                "min_channels": self.min_channels, "fold_shift": self.fold_shift, "seed": self.seed}
+        if self.selections != "gather":
+            key["selections"] = self.selections
         if self.round_to != 1:
             key["round_to"] = self.round_to
         if self.coupling is not None:  # sweeps written before coupled groups keep their key
@@ -309,7 +312,8 @@ def _compute_cell(ckpt: Checkpoint, dense: Any, dense_cost: Any, label: str, rat
                           recalibrate=settings.recalibrate if calibration is not None else 0,
                           seed=settings.seed, eval=True, device=device, data_dir=data_dir,
                           test_data=test_data, calibration=calibration, dense=dense_cost,
-                          coupling=settings.coupling, round_to=settings.round_to)
+                          coupling=settings.coupling, round_to=settings.round_to,
+                          selections=settings.selections)
     emptied = list(pruned.plan.emptied)
     cell: dict[str, Any] = {
         "id": cid, "label": label, "sha256": ckpt.sha256, "ratio": ratio,

@@ -20,6 +20,7 @@ folded into their biases or the following BatchNorm's running mean (:mod:`slimcl
 from __future__ import annotations
 
 import copy
+import math
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,13 +58,18 @@ class LayerReport:
     min_channels_bit: tuple[int, int] | None = None
     #: the first BatchNorm of its coupled group (pruned jointly), None when it prunes alone
     group: str | None = None
+    #: how its pruned channels are realised: ``narrow`` (removed at the source), ``selection``
+    #: (a channel selection in front), ``zero`` (kept with γ = β = 0: exact, no gather)
+    form: str | None = None
+    #: channels in the slim structure (``kept`` plus zeroed ones)
+    width: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "channels": self.channels, "kept": self.kept, "prunable": self.prunable,
             "reason": self.reason, "producer": self.producer, "needs_selection": self.needs_selection,
             "min_channels_bit": list(self.min_channels_bit) if self.min_channels_bit else None,
-            "group": self.group,
+            "group": self.group, "form": self.form, "width": self.width,
         }
 
 
@@ -375,6 +381,102 @@ def _piece_sizes(node: Node, channels: int) -> list[int]:
     return [p.numel() for p in (rows.chunk(arg) if name == "chunk" else rows.split(arg))]
 
 
+#: ``selections="auto"``: a channel selection (an ONNX ``Gather``) is kept where the MACs it saves in
+#: the next layer reach this many per element it copies; elsewhere the BatchNorm keeps its width with
+#: γ = β = 0 on the pruned channels (exact, no gather). Measured on onnxruntime CPU
+#: (benchmarks/edge_latency.py, docs/benchmarks.md): a gather costs far more than its copy suggests.
+GATHER_WORTH = 256.0
+SELECTIONS = ("auto", "gather", "zero")
+
+
+def _gather_worth(analysis: Analysis, name: str, kept: int) -> float:
+    """MACs the narrowed consumers save per element the selection in front of ``name`` copies."""
+    info = analysis.bns[name]
+    if not info.consumers or not kept:
+        return math.inf
+    nodes = {n.target: n for n in analysis.gm.graph.nodes if n.op == "call_module"}
+    bn_node = analysis.flow.bns[name][0] if analysis.flow is not None else None
+    shape = analysis.shapes.get(bn_node.name, ()) if bn_node is not None else ()
+    if len(shape) < 2:
+        return math.inf
+    copied = kept * math.prod(shape[2:])
+    pruned = info.channels - kept
+    saved = 0.0
+    for consumer in info.consumers:
+        m = analysis.gm.get_submodule(consumer)
+        out = analysis.shapes.get(nodes[consumer].name, ()) if consumer in nodes else ()
+        per_out = math.prod(out[2:]) if len(out) > 2 else 1
+        saved += m.weight.numel() * per_out * pruned / info.channels
+    return saved / copied
+
+
+def _zero_in_place(analysis: Analysis, keep: Mapping[str, Tensor], selections: str, *, apply: bool = True
+                   ) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Realise some selections as zeroed channels instead: (keep after that, BN name → form).
+
+    A selected BatchNorm realised by ``zero`` keeps its width, with γ and β of its pruned channels
+    set to zero, so that those channels are exact zeros (which the next layers read as before):
+    exact, no gather; every BatchNorm coupled with it is treated alike.
+    """
+    flow = analysis.flow
+    assert flow is not None
+    forms: dict[str, str] = {}
+    zero_bns = []
+    for name, index in keep.items():
+        if name not in flow.selected:
+            forms[name] = "narrow"
+            continue
+        worth = _gather_worth(analysis, name, index.numel())
+        zero = selections == "zero" or (selections == "auto" and worth < GATHER_WORTH)
+        form = "zero" if zero else "selection"
+        forms[name] = form
+        if form == "zero":
+            zero_bns.append(name)
+    if not zero_bns:
+        return dict(keep), forms
+    table = flow.root_table()
+
+    def pruned_roots(name: str, index: Tensor) -> Tensor:
+        ids = flow.bns[name][1]
+        mask = torch.ones(ids.numel(), dtype=torch.bool)
+        mask[index] = False
+        return table[ids[mask]]
+
+    zero_roots = torch.unique(torch.cat([pruned_roots(n, keep[n]) for n in zero_bns]))
+    out: dict[str, Tensor] = {}
+    for name, index in keep.items():
+        ids = flow.bns[name][1]
+        mask = torch.zeros(ids.numel(), dtype=torch.bool)
+        mask[index] = True
+        zeroed = ~mask & torch.isin(table[ids], zero_roots)
+        if bool(zeroed.any()) and apply:
+            bn = analysis.gm.get_submodule(name)
+            with torch.no_grad():
+                bn.weight[zeroed.to(bn.weight.device)] = 0
+                if bn.bias is not None:
+                    bn.bias[zeroed.to(bn.bias.device)] = 0
+        if bool(zeroed.any()):
+            forms[name] = "zero"
+            mask |= zeroed
+        if not bool(mask.all()):
+            out[name] = mask.nonzero().reshape(-1)
+    return out, forms
+
+
+def realise(
+    analysis: Analysis, masks: Mapping[str, Tensor], selections: str = "gather"
+) -> dict[str, Tensor]:
+    """The structural keep masks ``prune_model`` builds for ``masks``: zero-realised channels kept."""
+    keep, _ = _zero_in_place(analysis, _check_masks(analysis, masks), selections, apply=False)
+    out = {}
+    for name, info in analysis.bns.items():
+        if name in masks and info.prunable:
+            mask = torch.zeros(info.channels, dtype=torch.bool)
+            mask[keep[name] if name in keep else torch.arange(info.channels)] = True
+            out[name] = mask
+    return out
+
+
 def _surgery(analysis: Analysis, keep: Mapping[str, Tensor]) -> GraphModule:
     """Remove every class ``keep`` drops from every module and tensor that carries it."""
     gm = analysis.gm
@@ -473,7 +575,7 @@ def _dense_keep(model: nn.Module, bns: Mapping[str, BNInfo], keep: Mapping[str, 
 
 def prune_model(
     model: nn.Module, plan: Any, *, input_shape: Sequence[int] | None = None, fold_shift: bool = False,
-    coupling: str | None = None,
+    coupling: str | None = None, selections: str = "gather",
 ) -> tuple[GraphModule, PruneReport]:
     """Remove the channels that ``plan`` drops; return the slim model and a report.
 
@@ -484,7 +586,13 @@ def prune_model(
     their biases / BatchNorm running means (``report.folds``) instead of dropping it; the
     structure, and so ``report.widths``, is the same either way. ``coupling`` defaults to the
     plan's (``auto`` for plain masks); coupled channels must be kept or dropped together.
+    ``selections`` says how a BatchNorm that reads a shared tensor loses channels: ``gather``
+    (default, network slimming's channel selection in front), ``zero`` (it keeps its width,
+    γ = β = 0 on the pruned channels, no gather) or ``auto`` (a selection only where it saves
+    enough MACs per copied element: :data:`GATHER_WORTH`); ``report.layers[i].form`` says what was chosen.
     """
+    if selections not in SELECTIONS:
+        raise PruneError(f"selections must be one of {', '.join(SELECTIONS)}, got {selections!r}")
     masks = _masks_of(plan)
     coupling = coupling or getattr(plan, "coupling", None) or "auto"
     shape = input_shape if input_shape is not None else getattr(plan, "input_shape", None)
@@ -494,6 +602,8 @@ def prune_model(
     keep = _check_masks(analysis, masks)
     params_before = count_params(model)
     folds = fold_shifts(analysis, keep) if fold_shift else []
+    effective = _widths(analysis.bns, keep)
+    keep, forms = _zero_in_place(analysis, keep, selections)
     gm = _surgery(analysis, keep)
     widths = _widths(analysis.bns, keep)
     dense_keep = _dense_keep(model, analysis.bns, keep)
@@ -503,9 +613,10 @@ def prune_model(
     bit = dict(getattr(plan, "min_channels_bit", {}) or {})
     layers = [
         LayerReport(
-            name=n, channels=b.channels, kept=widths.get(n, b.channels), prunable=b.prunable,
-            reason=b.reason, producer=b.producer, needs_selection=b.prunable and b.needs_selection,
-            min_channels_bit=bit.get(n), group=b.group,
+            name=n, channels=b.channels, kept=effective.get(n, b.channels), prunable=b.prunable,
+            reason=b.reason, producer=b.producer,
+            needs_selection=b.prunable and b.needs_selection and forms.get(n) != "zero",
+            min_channels_bit=bit.get(n), group=b.group, form=forms.get(n), width=widths.get(n),
         )
         for n, b in analysis.bns.items()
     ]

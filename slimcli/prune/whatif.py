@@ -33,7 +33,7 @@ from slimcli.errors import UsageError
 from slimcli.measure import Measurement, measure
 from slimcli.prune.graph import Analysis, BNInfo, analyze
 from slimcli.prune.rules import check_min_channels, check_ratio, compute_keep, gamma_scores
-from slimcli.prune.surgery import rebuild
+from slimcli.prune.surgery import realise, rebuild
 
 Log = Callable[[str], None]
 
@@ -201,10 +201,19 @@ class _Surgery:
         self.twin, self.shape, self.coupling = twin, shape, coupling
         self._analysis: Analysis | None = None
 
-    def __call__(self, widths: Mapping[str, int], masks: Mapping[str, Tensor]) -> tuple[int, int]:
+    @property
+    def analysis(self) -> Analysis:
         if self._analysis is None:
             self._analysis = analyze(copy.deepcopy(self.twin), self.shape, coupling=self.coupling)
-        slim = rebuild(self._analysis.clone(), dict(widths), name=type(self.twin).__name__, keep=masks)
+        return self._analysis
+
+    def structure(self, masks: Mapping[str, Tensor], selections: str) -> dict[str, Tensor]:
+        """The structural masks prune_model builds (zero-realised selections keep their width)."""
+        return realise(self.analysis, masks, selections)
+
+    def __call__(self, widths: Mapping[str, int], masks: Mapping[str, Tensor]) -> tuple[int, int]:
+        widths = {n: int(m.sum()) for n, m in masks.items()}
+        slim = rebuild(self.analysis.clone(), dict(widths), name=type(self.twin).__name__, keep=masks)
         cost = measure(slim, self.shape)
         return int(cost.params), int(cost.flops)
 
@@ -233,6 +242,7 @@ def what_if(
     log: Log | None = None,
     coupling: str = "auto",
     round_to: int = 1,
+    selections: str = "gather",
 ) -> tuple[list[WhatIfRow], dict[str, Any]]:
     """One row per ratio (default :func:`ratio_grid`, sorted, duplicates dropped): the slim
     model ``slim prune --ratio R --min-channels N`` would build, and how it was computed.
@@ -273,7 +283,7 @@ def what_if(
         plan = compute_keep(model, "ratio", ratio, max(min_channels, 1), input_shape=shape, bns=bns,
                             coupling=coupling, round_to=round_to)
         widths = plan.widths
-        masks[ratio] = plan.masks
+        masks[ratio] = plan.masks  # made structural below (zero-realised selections keep their width)
         exists = not (plan.emptied and min_channels == 0)
         if not exists:  # no model: the row counts the channels the rule alone keeps
             widths.update(dict.fromkeys(plan.emptied, 0))
@@ -281,6 +291,8 @@ def what_if(
     built = [p for p in plans if p[4]]
 
     surgery = _Surgery(twin, shape, coupling)
+    if any(b.needs_selection for b in bns.values()):
+        masks = {r: surgery.structure(m, selections) for r, m in masks.items() if r in {p[0] for p in built}}
     costs: dict[float, tuple[int, int]] = {}
     info: dict[str, Any] = {"method": "surgery", "checked_ratios": [], "note": None}
     calc = _CostFormula.build(twin, shape, dense, coupling) if formula else None
