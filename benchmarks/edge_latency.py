@@ -74,6 +74,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer timed runs (20 at batch 1, 5 at batch 32)")
     ap.add_argument("--runs-b1", type=int, default=None)
     ap.add_argument("--runs-b32", type=int, default=None, help="timed runs at batches > 1")
+    ap.add_argument("--forms", default="gather",
+                    help="comma list of pruned forms: gather (slim prune's default), zero (--selections "
+                         "zero), joint (--coupling joint), each optionally +rN (--round-to N), e.g. "
+                         "gather,zero+r8,joint+r8")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -93,9 +97,17 @@ def main() -> None:
         for arch in args.archs.split(","):
             dense = random_gamma(create_arch(arch, 10, SHAPE), args.seed)
             models: dict[str, torch.nn.Module] = {"dense": dense}
+            ratio_of: dict[str, float] = {}
             for r in ratios:
-                plan = compute_keep(dense, "ratio", r, 1, input_shape=SHAPE)
-                models[f"{r:g}"], _ = prune_model(dense, plan, input_shape=SHAPE)
+                for form in args.forms.split(","):
+                    base, _, rnd = form.partition("+r")
+                    coupling = "joint" if base == "joint" else "auto"
+                    selections = "zero" if base == "zero" else "gather"
+                    plan = compute_keep(dense, "ratio", r, 1, input_shape=SHAPE, coupling=coupling,
+                                        round_to=int(rnd) if rnd else 1)
+                    key = f"{r:g} {form}"
+                    models[key], _ = prune_model(dense, plan, input_shape=SHAPE, selections=selections)
+                    ratio_of[key] = r
             info: dict[str, dict[str, Any]] = {}
             blobs: dict[str, bytes] = {}
             for key, model in models.items():
@@ -130,7 +142,8 @@ def main() -> None:
                         lat_ratio = med[key] / med["dense"]
                         eff = (1 - lat_ratio) / (1 - mac_ratio) if mac_ratio < 1 else float("nan")
                         rows.append({
-                            "arch": arch, "ratio": float(key), "runtime": rt, "batch": b,
+                            "arch": arch, "ratio": ratio_of[key], "form": key.split(" ", 1)[1],
+                            "runtime": rt, "batch": b,
                             "mac_ratio": mac_ratio,
                             "params_ratio": info[key]["params"] / info["dense"]["params"],
                             "gathers": info[key]["gathers"], "dense_ms": med["dense"], "pruned_ms": med[key],
@@ -141,12 +154,13 @@ def main() -> None:
                         print(f"{arch} {key} {rt} b{b}: {r['dense_ms']:.2f} → {r['pruned_ms']:.2f} ms "
                               f"({lat_ratio:.2f}×, MACs {mac_ratio:.2f}×)", file=sys.stderr)
 
-    print("| arch | ratio | runtime | batch | MACs × | params × | Gather | dense ms | pruned ms | latency × "
-          "| efficiency | parity (rel) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| arch | ratio | form | runtime | batch | MACs × | params × | Gather | dense ms | pruned ms "
+          "| latency × | efficiency | parity (rel) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         par = max(r["rel_diff"], r["dense_rel_diff"])
-        print(f"| {r['arch']} | {r['ratio']:g} | {r['runtime']} | {r['batch']} | {r['mac_ratio']:.2f} "
+        print(f"| {r['arch']} | {r['ratio']:g} | {r['form']} | {r['runtime']} | {r['batch']} "
+              f"| {r['mac_ratio']:.2f} "
               f"| {r['params_ratio']:.2f} | {r['gathers']} | {r['dense_ms']:.2f} | {r['pruned_ms']:.2f} "
               f"| **{r['latency_ratio']:.2f}** | {r['efficiency']:.2f} | {par:.1e}"
               + (" WRONG" if par > 1e-4 else "") + " |")

@@ -97,10 +97,14 @@ class BNTable(dict):  # type: ignore[type-arg]
     ``min_channels`` does for a BatchNorm, so that no tensor is emptied."""
 
     keep_one: list[tuple[int, ...]]
+    #: the classes of every tensor an op creates (a conv's or a selection's output): the units whose
+    #: kept counts ``round_to`` rounds, so that convs get round channel counts on both sides
+    units: list[tuple[int, ...]]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.keep_one = []
+        self.units = []
 
 
 @dataclass
@@ -413,12 +417,17 @@ def analyze(
             analysis.edits[name] = Edit(node, producer, selection, consumers, flattens)
     removable = {c for b in analysis.bns.values() if b.classes is not None for c in b.classes if c >= 0}
     if removable:
-        sets = set()
-        for ids in flow.ids.values():
+        sets, units = set(), set()
+        for node, ids in flow.ids.items():
             roots = frozenset(table[ids].tolist())
-            if roots <= removable:
-                sets.add(tuple(sorted(roots)))
+            if not roots <= removable:
+                continue
+            sets.add(tuple(sorted(roots)))
+            seen = {int(i) for src in node.all_input_nodes if src in flow.ids for i in flow.ids[src].tolist()}
+            if not seen.intersection(ids.tolist()):  # fresh channels: a conv, linear or selection output
+                units.add(tuple(sorted(roots)))
         analysis.bns.keep_one = sorted(sets)
+        analysis.bns.units = sorted(units)
     # BatchNorms the forward never calls as modules: listed (for reports) but never touched
     for name, m in model.named_modules():
         if isinstance(m, _BatchNorm) and name not in analysis.bns and name:

@@ -22,11 +22,13 @@ That is exact (slim model == dense model with the class's BatchNorm outputs zero
 - it has at least one BatchNorm, whose |γ| score it.
 
 ``coupling`` says how BatchNorms that read a shared tensor are treated: ``joint`` unites them
-with that tensor (no gather ever, every coupling pruned jointly); ``select`` and ``auto`` put
-a channel selection in front of a BatchNorm that reads a residual sum, a concatenation, the
-network input or a tensor used elsewhere (the paper's pre-activation ResNet and DenseNet
-rule), and ``select`` additionally refuses classes shared by several BatchNorms (each
-BatchNorm prunes alone, the behaviour before coupled groups).
+with that tensor (no gather ever, every coupling pruned jointly); ``auto`` does the same but
+puts network slimming's channel selection in front of a BatchNorm that reads a residual sum,
+a concatenation or the network input (pre-activation ResNets, DenseNets), and in front of
+any other BatchNorm reading a shared tensor that the joint analysis leaves frozen; ``select``
+puts a selection in front of every BatchNorm that reads a tensor it does not own and refuses
+classes shared by several BatchNorms (each BatchNorm prunes alone, the behaviour before
+coupled groups).
 """
 
 from __future__ import annotations

@@ -275,8 +275,51 @@ def _keep(
     elif bns is not None and bit:
         masks = couple_masks(masks, bns)
     if round_to > 1:
-        masks = round_masks(masks, scores, bns or {}, round_to)
+        units = getattr(bns, "units", None)
+        if units and bns is not None:
+            masks = _round_units(masks, scores, bns, units, round_to)
+        else:
+            masks = round_masks(masks, scores, bns or {}, round_to)
     return masks, bit, emptied
+
+
+def _round_units(masks: dict[str, Tensor], scores: Mapping[str, Tensor], bns: Mapping[str, BNInfo],
+                 units: Sequence[tuple[int, ...]], n: int) -> dict[str, Tensor]:
+    """--round-to on coupled graphs: the kept classes of every tensor a conv (or selection) creates
+    become a multiple of ``n`` (adding back its strongest classes), so every conv has round counts on
+    both sides and a BatchNorm after a concatenation sums round pieces; classes of BatchNorms that
+    prune alone (no class ids) are rounded per BatchNorm."""
+    best: dict[int, float] = {}
+    kept: set[int] = set()
+    for name, mask in masks.items():
+        classes = bns[name].classes
+        if classes is None:
+            continue
+        kept.update(torch.tensor(classes, dtype=torch.long)[mask].tolist())
+        for k, v in zip(classes, scores[name].tolist(), strict=True):
+            best[k] = max(best.get(k, -math.inf), v)
+    for _ in range(64):
+        changed = False
+        for unit in units:
+            have = [c for c in unit if c in kept]
+            target = min(-(-len(have) // n) * n, len(unit)) if have else 0
+            if target > len(have):
+                missing = sorted((c for c in unit if c not in kept),
+                                 key=lambda c: (-best.get(c, -math.inf), c))
+                kept.update(missing[: target - len(have)])
+                changed = True
+        if not changed:
+            break
+    wanted = torch.tensor(sorted(kept), dtype=torch.long)
+    out = {}
+    for name, mask in masks.items():
+        classes = bns[name].classes
+        ids = None if classes is None else torch.tensor(classes, dtype=torch.long)
+        out[name] = mask if ids is None else mask | torch.isin(ids, wanted)
+    plain = {k: v for k, v in out.items() if bns[k].classes is None}
+    if plain:
+        out.update(round_masks(plain, scores, bns, n))
+    return out
 
 
 def round_masks(masks: dict[str, Tensor], scores: Mapping[str, Tensor], bns: Mapping[str, BNInfo],
