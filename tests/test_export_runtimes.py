@@ -209,7 +209,7 @@ def test_cli_check_runtimes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     code, stdout, stderr = run_cli(["export", str(ckpt), str(out), "--latency-runs", "0", "--check-runtimes",
                                     "ort", "--target", "ort"], capsys)
     assert code == 0, stderr
-    assert "runtimes (parity" in stdout and "ort" in stdout and "MACs" in stdout
+    assert "runtimes: parity" in stdout and "ort" in stdout and "MACs" in stdout
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert props["slim.target"] == "ort"
     for bad in (["--check-runtimes", "tflite"], ["--target", "tflite"]):

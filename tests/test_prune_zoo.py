@@ -188,3 +188,20 @@ def test_zero_realised_selections_are_exact_gather_free_and_rebuild(spec: str) -
     rebuilt.load_state_dict(zeroed.state_dict(), strict=True)
     with torch.no_grad():
         assert torch.equal(rebuilt.eval()(x), zeroed(x))
+
+
+def test_export_for_a_runtime_target_says_when_gathers_remain(tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    from slimcli.archs import create_arch
+    from slimcli.export import export_onnx
+
+    shape = (3, 32, 32)
+    model = randomize_batchnorms(create_arch("resnet164:depth=11", 10, shape).eval(), 0)
+    plan = compute_keep(model, "ratio", 0.5, input_shape=shape)
+    gathered, _ = prune_model(model, plan, input_shape=shape)
+    zeroed, _ = prune_model(model, plan, input_shape=shape, selections="zero")
+    kw = {"input_shape": shape, "metadata": {}, "latency_runs": 0, "target": "ort"}
+    a = export_onnx(gathered, tmp_path / "a.onnx", **kw)
+    b = export_onnx(zeroed, tmp_path / "b.onnx", **kw)
+    assert any("--selections zero" in n for n in a.notes)
+    assert not any("Gather" in n for n in b.notes)

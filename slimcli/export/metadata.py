@@ -236,6 +236,7 @@ def export_checkpoint(
         runtimes=runtimes,
         extension=extension,
     )
+    notes.extend(report.notes)
     if report.identity_selections_removed:
         n = report.identity_selections_removed
         notes.append(f"removed {n} channel selection(s) that kept every channel (no Gather in the file)")

@@ -52,6 +52,7 @@ from slimcli.export.verify import (
     verify_export,
 )
 from slimcli.measure import measure, onnx_latency_ms
+from slimcli.prune.select import ChannelSelection
 
 EXPORTERS = ("auto", "torchscript", "dynamo")
 
@@ -334,6 +335,7 @@ def export_onnx(
                 net, removed = remove_identity_selections(net, shape)
             except Exception as exc:
                 raise ExportError(f"cannot prepare the model for export: {first_line(exc)}") from None
+            gathers = sum(isinstance(m, ChannelSelection) for m in net.modules())
             cost = measure(net, shape)
             params = cost.params
             metadata = {**metadata, "slim.params": str(cost.params), "slim.macs": str(cost.macs),
@@ -410,6 +412,10 @@ def export_onnx(
         runtimes=tuple(others),
         identity_selections_removed=removed,
         extension=extra,
+        notes=(f"{gathers} channel selection(s) export as Gather nodes, which are slow on CPU runtimes "
+               f"(and mistranslated by ncnn's converter); for --target {target}, prune with "
+               f"--selections zero --round-to 8 or --coupling joint (docs/pruning.md)",)
+        if gathers and target != "generic" else (),
     )
 
 
