@@ -71,7 +71,7 @@ def test_zoo_coverage_and_reasons() -> None:
         share[name] = sum(b.prunable for b in bns.values()) / len(bns)
     # every BN of these prunes (jointly where tied)
     for name in ("postact-bottleneck", "mobilenetv2", "se-hardswish", "repvgg", "ghostnet", "csp",
-                 "densenet", "preact"):
+                 "densenet", "preact", "resnext"):
         assert share[name] == 1.0, (name, share[name])
 
     mb = prunable_bns(build("mobilenetv2"), SHAPE)
@@ -86,9 +86,11 @@ def test_zoo_coverage_and_reasons() -> None:
     frozen = prunable_bns(build("shufflenet"), SHAPE)["branch.2.1"]  # its output is shuffled
     assert not frozen.prunable and "regroups channels" in frozen.reason
 
-    resnext = prunable_bns(build("resnext"), SHAPE)
-    assert not resnext["reduce.1"].prunable and "grouped conv" in resnext["reduce.1"].reason
-    assert resnext["stem.1"].prunable and resnext["stem.1"].group == "stem.1"
+    resnext = prunable_bns(build("resnext"), SHAPE)  # equal groups: position j of every group together
+    assert resnext["reduce.1"].prunable and resnext["grouped.1"].prunable
+    reduce_classes = resnext["reduce.1"].classes
+    assert reduce_classes is not None and len(set(reduce_classes)) == 4  # 8 channels, 2 groups of 4
+    assert reduce_classes[:4] == reduce_classes[4:] and resnext["stem.1"].group == "stem.1"
 
     att = prunable_bns(build("spatial-attention"), SHAPE)
     # a mean over the channels changes when a channel goes (it divides by C): those channels stay

@@ -399,9 +399,20 @@ class _Builder:
             zero = self.zero[src].repeat_interleave(k) & (m.bias is None)
             why = self.why_nonzero.get(src) if m.bias is None else f"the output of '{node.target}' (its bias)"
             self.set(node, ids, zero, why)
+        elif m.in_channels % m.groups == 0 and m.out_channels % m.groups == 0:
+            # grouped (ResNeXt, RegNet): every group must keep the same size, so input position j of
+            # every group is one class, and output position j of every group another
+            g, cin, cout = m.groups, m.in_channels // m.groups, m.out_channels // m.groups
+            what = f"the grouped conv '{node.target}' (groups={g}, equal groups)"
+            rows = self.ids[src].reshape(g, cin)
+            for r in range(1, g):
+                self.unite(rows[0], rows[r], what)
+            self.needs_zero(src, f"{type(m).__name__} '{node.target}'")
+            base = self.fresh(cout)
+            ids = base.repeat(g)
+            self.set(node, ids, torch.zeros(ids.numel(), dtype=torch.bool), f"the output of {what}")
         else:
-            self.unknown(node, f"the grouped conv '{node.target}' (groups={m.groups}), whose groups must "
-                               f"keep equal sizes")
+            self.unknown(node, f"the grouped conv '{node.target}' (groups={m.groups})")
 
     # -- functions and methods -------------------------------------------------------------
     def visit_function(self, node: Node) -> None:

@@ -507,10 +507,18 @@ def _surgery(analysis: Analysis, keep: Mapping[str, Tensor]) -> GraphModule:
             index = kept.index(node)
             if index is not None:
                 m.indices = m.indices.index_select(0, index.to(m.indices.device))
-        elif isinstance(m, _ConvNd) and m.groups > 1:
+        elif isinstance(m, _ConvNd) and m.groups > 1 and m.groups == m.in_channels:
             index_in, index_out = kept.index(src), kept.index(node)
             if index_in is not None or index_out is not None:
                 _narrow_depthwise(m, index_in, index_out)
+        elif isinstance(m, _ConvNd) and m.groups > 1:
+            index_in, index_out = kept.index(src), kept.index(node)
+            if index_in is not None:  # the same positions in every group: slice the first group's
+                per_group = m.in_channels // m.groups
+                _slice(m, "weight", index_in[index_in < per_group], 1)
+                m.in_channels = index_in.numel()
+            if index_out is not None:
+                _narrow_outputs(m, index_out)
         elif isinstance(m, _ConvNd | nn.Linear):
             index_in, index_out = kept.index(src), kept.index(node)
             if index_in is not None:

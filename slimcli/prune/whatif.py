@@ -166,9 +166,7 @@ class _CostFormula:
                 if set(params) - {"weight", "bias"} or out_ids is None or in_ids is None:
                     return None
                 w, b = m.weight, params.get("bias")
-                depthwise = isinstance(m, _ConvNd) and m.groups > 1
-                if depthwise and m.groups != m.in_channels:
-                    continue  # a grouped conv is frozen: it never shrinks
+                depthwise = isinstance(m, _ConvNd) and m.groups > 1 and m.groups == m.in_channels
                 layers.append(_Layer(w.numel(), b.numel() if b is not None else 0, macs.get(node.target, 0),
                                      table[out_ids], None if depthwise else table[in_ids]))
         return cls(layers, {n: table[ids] for n, (_, ids) in flow.bns.items()}, dense)
