@@ -178,6 +178,8 @@ class _Builder:
         self.zero: dict[Node, Tensor] = {}
         self.why_nonzero: dict[Node, str] = {}
         self.pieces: dict[Node, list[tuple[Tensor, Tensor]]] = {}  # split/chunk results
+        #: channel shuffles: a view (N, C, …) → (N, g, C/g, …) keeps its channels as a grid of ids
+        self.grid: dict[Node, tuple[Tensor, Tensor, bool]] = {}  # ids, zero, transposed
         self.frozen_raw: list[tuple[Tensor, str]] = []
         self.nonzero_uses: list[tuple[Tensor, str]] = []
         self.ties: list[tuple[int, int, str]] = []
@@ -435,6 +437,9 @@ class _Builder:
         if is_fn and target is operator.getitem and node.args[0] in self.pieces:
             self.visit_piece(node)
             return
+        if len(inputs) == 1 and inputs[0] in self.grid:
+            self.visit_grid(node, inputs[0])
+            return
         if not inputs or any(s not in self.ids for s in inputs):
             self.unknown(node)
             return
@@ -628,10 +633,47 @@ class _Builder:
             return len(dims) == 2 and all(d >= 2 for d in dims)
         return len(dims) == len(sa) and dims[:2] == [0, 1]  # permute
 
+    def visit_grid(self, node: Node, src: Node) -> None:
+        """The middle of a channel shuffle: transpose the grid, or view it back to (N, C, …)."""
+        ids, zero, flipped = self.grid[src]
+        sa, so = self.shapes[src], self.shapes.get(node)
+        target = node.target
+        if node.op == "call_method" and target in ("contiguous", "clone") and so == sa:
+            self.grid[node] = (ids, zero, flipped)
+            return
+        if (target in ("transpose", "transpose_") or target is torch.transpose) and so is not None:
+            dims = normalise_dims([d for d in node.args[1:]], len(sa))
+            if dims is not None and sorted(dims) == [1, 2]:
+                self.grid[node] = (ids.t(), zero.t(), not flipped)
+                return
+        if (target in RESHAPE_METHODS or target in RESHAPE) and so is not None and len(so) == len(sa) - 1 \
+                and so[0] == sa[0] and so[1] == sa[1] * sa[2] and so[2:] == sa[3:]:
+            self.set(node, ids.reshape(-1), zero.reshape(-1), self.why_nonzero.get(src))
+            self.rewrites[node] = "reshape"
+            return
+        self.grid_unknown(node, src)
+
+    def grid_unknown(self, node: Node, src: Node) -> None:
+        ids, _, _ = self.grid[src]
+        what = f"it feeds {describe(node, self.modules)}, which regroups channels"
+        self.frozen_raw.append((ids.reshape(-1), what))
+        self.new_channels(node, frozen=f"it comes from {describe(node, self.modules)}")
+
     def visit_reshape(self, node: Node, src: Node, *, rewrite: bool) -> None:
         """Flattens (N, C, *S) → (N, C·S), reshapes that keep (N, C), and unflattens (N, C·S) → (N, C, …)."""
         sa, so = self.shapes[src], self.shapes.get(node)
         ids, zero = self.ids[src], self.zero[src]
+        if (so is not None and len(so) == len(sa) + 1 and len(sa) >= 3 and so[0] == sa[0]
+                and so[1] * so[2] == sa[1] and so[3:] == sa[2:] and so[1] > 1):
+            # (N, C, …) → (N, g, C/g, …): the first view of a channel shuffle. Channel j of every group
+            # goes together, so that the groups keep equal sizes and the shuffle stays a shuffle.
+            g, cg = so[1], so[2]
+            grid, zgrid = ids.reshape(g, cg), zero.reshape(g, cg)
+            for r in range(1, g):
+                self.unite(grid[0], grid[r], f"the channel shuffle at '{node.name}' (groups={g})")
+            self.grid[node] = (grid, zgrid, False)
+            self.rewrites[node] = "grid"
+            return
         if so is None or len(so) < 2 or sa[0] != so[0] or so[0] != SHAPE_BATCH:
             self.unknown(node, f"{describe(node, self.modules)}, which reshapes across the batch or channels")
             return

@@ -339,7 +339,7 @@ def _rewrite(
     graph = gm.graph
     src = node.args[0]
     in_mask = kept.mask(src)
-    if in_mask is None:
+    if in_mask is None and not (kind == "reshape" and kept.mask(node) is not None):
         return
     old_args = list(node.all_input_nodes)
     if kind == "flatten":
@@ -351,6 +351,11 @@ def _rewrite(
         c = int(out_mask.sum()) if out_mask is not None else out[1]
         with graph.inserting_before(node):
             new = graph.call_function(torch.reshape, (src, (-1, c, *out[2:])))
+    elif kind == "grid":  # (N, C, …) → (N, g, C/g, …) of a channel shuffle, with the kept C
+        out = shapes[node.name]
+        with graph.inserting_before(node):
+            kept_c = int(in_mask.sum())
+            new = graph.call_function(torch.reshape, (src, (-1, out[1], kept_c // out[1], *out[3:])))
     elif kind == "slice":
         index = list(node.args[1]) if isinstance(node.args[1], tuple) else [node.args[1]]
         sl = index[1]
