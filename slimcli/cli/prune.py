@@ -63,6 +63,12 @@ def _out_path(value: Path | None) -> Path | None:
     return value
 
 
+def _group_score(value: str) -> str:
+    if value not in ("mean", "max"):
+        raise typer.BadParameter(f"must be mean or max, got {value!r}")
+    return value
+
+
 def _pct(part: float, whole: float) -> str:
     return f"{1 - part / whole:.1%} pruned" if whole else "—"
 
@@ -193,6 +199,10 @@ def prune(
         "--round-to", metavar="N", min=1, max=4096,
         help="Kept channel counts become multiples of N (adding back the largest-|γ| channels; a layer "
              "narrower than N stays whole). 8 or 16 let CPU runtimes use their blocked conv kernels.")] = 1,
+    group_score: Annotated[str, typer.Option(
+        "--group-score", callback=_group_score,
+        help="How a coupled group of BN channels is scored: mean or max of their |γ| "
+             "(max: a group goes only when every member is below the threshold).")] = "mean",
     selections: Annotated[str, typer.Option(
         "--selections", callback=selections_callback, help=SELECTIONS_HELP)] = "gather",
     coupling: Annotated[str | None, typer.Option(
@@ -246,6 +256,7 @@ def prune(
         ckpt, rule, value, min_channels, out_path, eval=eval_, export=export,
         data_dir=data_dir, device=device, fold_shift=fold_shift, recalibrate=recalibrate, seed=seed,
         force=force, coupling=coupling, round_to=round_to, selections=selections,
+        group_score=group_score,
         log=lambda msg: err.print(msg, markup=False, highlight=False),
     )
     if as_json:

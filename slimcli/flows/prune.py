@@ -185,7 +185,8 @@ class Pruned:
 def _rounding(model: nn.Module, plan: KeepPlan, shape: Any, rule: str, value: float, min_channels: int,
               coupling: str) -> dict[str, Any]:
     """What --round-to changed: channels given back, and the params/FLOPs the rule alone reached."""
-    plain = compute_keep(model, rule, value, min_channels, input_shape=shape, coupling=coupling)
+    plain = compute_keep(model, rule, value, min_channels, input_shape=shape, coupling=coupling,
+                         group_score=plan.group_score)
     twin = meta_twin(model)
     unrounded, _ = prune_model(twin, plain.masks, input_shape=shape, coupling=coupling)
     cost = measure(unrounded, shape)
@@ -228,6 +229,7 @@ def prune_loaded(
     coupling: str | None = None,
     round_to: int = 1,
     selections: str = "gather",
+    group_score: str = "mean",
 ) -> Pruned:
     """Prune ``model`` (the dense model ``ckpt`` describes, left untouched) and measure it.
 
@@ -244,7 +246,7 @@ def prune_loaded(
     shape = ckpt.input_shape
     coupling = structure_coupling(ckpt, coupling)
     plan = compute_keep(model, rule, value, min_channels, input_shape=shape, coupling=coupling,
-                        round_to=round_to)
+                        round_to=round_to, group_score=group_score)
     widest = max((m.numel() for m in plan.masks.values()), default=0)
     if widest and min_channels >= widest:
         raise PruneError(f"--min-channels {min_channels} keeps every channel: the widest prunable layer has "
@@ -361,6 +363,7 @@ def prune_checkpoint(
     coupling: str | None = None,
     round_to: int = 1,
     selections: str = "gather",
+    group_score: str = "mean",
 ) -> PruneResult:
     """Prune the checkpoint at ``ckpt_path`` under ``rule`` and write the slim checkpoint.
 
@@ -405,7 +408,7 @@ def prune_checkpoint(
     pruned = prune_loaded(ckpt, model, rule, value, min_channels, fold_shift=fold_shift,
                           recalibrate=recalibrate, seed=seed, eval=eval, device=device,
                           data_dir=data_dir, log=say, coupling=coupling, round_to=round_to,
-                          selections=selections)
+                          selections=selections, group_score=group_score)
     slim = pruned.model
     meta = pruned_meta(ckpt, pruned, command)
 

@@ -134,6 +134,8 @@ class KeepPlan:
     coupling: str = "auto"
     #: kept counts are multiples of this (or the layer's full width)
     round_to: int = 1
+    #: how a coupled group is scored (mean or max |γ| of its members)
+    group_score: str = "mean"
 
     @property
     def widths(self) -> dict[str, int]:
@@ -168,6 +170,7 @@ class KeepPlan:
             "emptied_by_rule": list(self.emptied),
             "coupling": self.coupling,
             "round_to": self.round_to,
+            "group_score": self.group_score,
         }
         if self.achieved is not None:
             out["achieved"] = self.achieved
@@ -175,15 +178,17 @@ class KeepPlan:
 
 
 def gamma_scores(
-    model: nn.Module, bns: Mapping[str, BNInfo], group_score: str | None = "max"
+    model: nn.Module, bns: Mapping[str, BNInfo], group_score: str | None = "mean"
 ) -> dict[str, Tensor]:
     """|γ| (float64, CPU) of every prunable BatchNorm in ``bns``; a NaN γ is an error, not a score.
 
     A channel coupled with channels of other BatchNorms (one class of
-    :mod:`slimcli.prune.groups`) scores as its whole group: the largest |γ| of the group
-    (``group_score="max"``: a group goes only when every member is below the threshold) or
-    their mean (``"mean"``). A channel that can never be removed scores +inf. ``None`` gives
-    every channel its own |γ| (the distribution ``slim inspect`` draws).
+    :mod:`slimcli.prune.groups`) scores as its whole group: the mean |γ| of its members
+    (``group_score="mean"``, the default, as Torch-Pruning's group reduction; measured to remove
+    more parameters at the same ratio on timm models, docs/benchmarks.md) or the largest
+    (``"max"``: a group goes only when every member is below the threshold). A channel that can
+    never be removed scores +inf. ``None`` gives every channel its own |γ| (the distribution
+    ``slim inspect`` draws).
     """
     if group_score not in ("max", "mean", None):
         raise UsageError(f"group_score must be max or mean, got {group_score!r}")
@@ -393,7 +398,7 @@ def compute_keep(
     bns: Mapping[str, BNInfo] | None = None,
     measure: Measure | None = None,
     coupling: str = "auto",
-    group_score: str = "max",
+    group_score: str = "mean",
     round_to: int = 1,
 ) -> KeepPlan:
     """Keep masks for every prunable BatchNorm under ``rule`` (see the module docstring).
@@ -417,7 +422,7 @@ def compute_keep(
     if rule in ("target_params", "target_flops"):
         plan = _search_target(model, rule, value, min_channels, scores, shape, measure, bns, coupling,
                               round_to)
-        plan.coupling, plan.round_to = coupling, round_to
+        plan.coupling, plan.round_to, plan.group_score = coupling, round_to, group_score
         return plan
     if rule == "ratio":
         threshold = ratio_threshold(scores, value)
@@ -428,7 +433,8 @@ def compute_keep(
     if emptied and min_channels == 0:
         raise _emptied_error(emptied, what)
     return KeepPlan(rule, value, threshold, masks, min_channels, bit, emptied,
-                    tuple(shape) if shape is not None else None, coupling=coupling, round_to=round_to)
+                    tuple(shape) if shape is not None else None, coupling=coupling, round_to=round_to,
+                    group_score=group_score)
 
 
 def _metric(rule: str, measure: Measure, shape: Sequence[int] | None) -> Callable[[nn.Module], float]:
