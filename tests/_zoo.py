@@ -262,3 +262,32 @@ ZOO: dict[str, type[nn.Module]] = {
     "preact": PreActNet,
 }
 SHAPE = (3, 16, 16)
+
+
+class ShuffleChunkNet(nn.Module):
+    """pytorchcv's ShuffleNetV2 unit order: shuffle, then chunk the shuffled tensor (two rewrites in a row)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 8)
+        self.branch = nn.Sequential(cbr(4, 4, 1), cbr(4, 4, 3, groups=4, act=False), cbr(4, 4, 1))
+        self.branch2 = nn.Sequential(cbr(4, 4, 1), cbr(4, 4, 1))
+        self.head = Head(8)
+
+    @staticmethod
+    def shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+        batch, channels, height, width = x.size()
+        x = x.view(batch, groups, channels // groups, height, width)
+        x = torch.transpose(x, 1, 2).contiguous()
+        return x.view(batch, channels, height, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        a, b = torch.chunk(x, chunks=2, dim=1)
+        x = self.shuffle(torch.cat([a, self.branch(b)], 1), 2)
+        a, b = torch.chunk(x, chunks=2, dim=1)
+        x = self.shuffle(torch.cat([a, self.branch2(b)], 1), 2)
+        return self.head(x)
+
+
+ZOO["shufflenet-chunk"] = ShuffleChunkNet

@@ -333,12 +333,16 @@ def _narrow_depthwise(m: _ConvNd, index_in: Tensor | None, index_out: Tensor | N
 
 
 def _rewrite(
-    gm: GraphModule, node: Node, kind: str, kept: _Kept, shapes: Mapping[str, tuple[int, ...]]
+    gm: GraphModule, node: Node, kind: str, kept: _Kept, shapes: Mapping[str, tuple[int, ...]],
+    original: Node,
 ) -> None:
-    """Replace a slice, split or reshape whose literal channel sizes the pruning changed."""
+    """Replace a slice, split or reshape whose literal channel sizes the pruning changed.
+
+    ``original`` is the node's input in the analysed graph (an earlier rewrite may have replaced
+    it: its channels are still those of the original)."""
     graph = gm.graph
     src = node.args[0]
-    in_mask = kept.mask(src)
+    in_mask = kept.mask(original)
     if in_mask is None and not (kind == "reshape" and kept.mask(node) is not None):
         return
     old_args = list(node.all_input_nodes)
@@ -366,7 +370,7 @@ def _rewrite(
         node.update_arg(1, tuple(index))
         return
     elif kind == "split":
-        sizes = [int(p.sum()) for p in in_mask.split(_piece_sizes(node, shapes[src.name][1]))]
+        sizes = [int(p.sum()) for p in in_mask.split(_piece_sizes(node, shapes[original.name][1]))]
         if 0 in sizes:
             raise PruneError(f"pruning would empty a piece of the split '{node.name}'; prune less, or raise "
                              f"min_channels (--min-channels)")
@@ -530,9 +534,10 @@ def _surgery(analysis: Analysis, keep: Mapping[str, Tensor]) -> GraphModule:
                 _narrow_inputs(m, index_in, 1)
             if index_out is not None:
                 _narrow_outputs(m, index_out)
+    originals = {node: node.args[0] for node in flow.rewrites}
     for node, kind in list(flow.rewrites.items()):
         if node in graph.nodes:
-            _rewrite(gm, node, kind, kept, analysis.shapes)
+            _rewrite(gm, node, kind, kept, analysis.shapes, originals[node])
     graph.lint()
     gm.recompile()
     return gm
