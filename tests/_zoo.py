@@ -265,7 +265,7 @@ SHAPE = (3, 16, 16)
 
 
 class ShuffleChunkNet(nn.Module):
-    """pytorchcv's ShuffleNetV2 unit order: shuffle, then chunk the shuffled tensor (two rewrites in a row)."""
+    """pytorchcv's ShuffleNetV2 order: shuffle, then chunk the shuffled tensor (two rewrites in a row)."""
 
     def __init__(self) -> None:
         super().__init__()
