@@ -102,7 +102,7 @@ def main() -> None:
                 for form in args.forms.split(","):
                     base, _, rnd = form.partition("+r")
                     coupling = "joint" if base == "joint" else "auto"
-                    selections = "zero" if base == "zero" else "gather"
+                    selections = base if base in ("zero", "auto") else "gather"
                     plan = compute_keep(dense, "ratio", r, 1, input_shape=SHAPE, coupling=coupling,
                                         round_to=int(rnd) if rnd else 1)
                     key = f"{r:g} {form}"

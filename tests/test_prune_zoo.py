@@ -204,3 +204,25 @@ def test_export_for_a_runtime_target_says_when_gathers_remain(tmp_path) -> None:
     b = export_onnx(zeroed, tmp_path / "b.onnx", **kw)
     assert any("--selections zero" in n for n in a.notes)
     assert not any("Gather" in n for n in b.notes)
+
+
+def test_auto_selections_follow_the_cost_rule() -> None:
+    """auto: ResNet-164's bottleneck selections save few MACs per copied element → zeroed; DenseNet's
+    3×3 convs after the selections (growth 12) save more → gathers stay. Exact either way."""
+    from slimcli.archs import create_arch
+
+    shape = (3, 32, 32)
+    x = torch.randn(2, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for spec, form in (("resnet164:depth=11", "zero"), ("densenet40:depth=7,growth=12,stem=8", "selection")):
+        # (DenseNet decides per layer: a BN that loses many channels before a 3×3 conv keeps its gather)
+        torch.manual_seed(0)
+        model = randomize_batchnorms(create_arch(spec, 10, shape).double().eval(), 0)
+        plan = compute_keep(model, "ratio", 0.5, input_shape=shape)
+        slim, report = prune_model(model, plan, input_shape=shape, selections="auto")
+        chosen = {r.name: r.form for r in report.layers if r.needs_selection or r.form == "zero"}
+        if form == "zero":
+            assert set(chosen.values()) == {"zero"}, chosen
+        else:
+            assert "selection" in chosen.values() and "zero" in chosen.values(), chosen  # per layer
+        with torch.no_grad():
+            torch.testing.assert_close(slim(x), masked_dense(model, plan)(x), rtol=1e-6, atol=1e-9)

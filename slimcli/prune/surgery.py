@@ -392,9 +392,10 @@ def _piece_sizes(node: Node, channels: int) -> list[int]:
 
 #: ``selections="auto"``: a channel selection (an ONNX ``Gather``) is kept where the MACs it saves in
 #: the next layer reach this many per element it copies; elsewhere the BatchNorm keeps its width with
-#: γ = β = 0 on the pruned channels (exact, no gather). Measured on onnxruntime CPU
-#: (benchmarks/edge_latency.py, docs/benchmarks.md): a gather costs far more than its copy suggests.
-GATHER_WORTH = 256.0
+#: γ = β = 0 on the pruned channels (exact, no gather). From onnxruntime CPU measurements
+#: (benchmarks/edge_latency.py, docs/benchmarks.md): ResNet-164's selections save ≤ ~64 MACs per
+#: copied element and were slower than the zero form; DenseNet-40's save ~108 and were faster.
+GATHER_WORTH = 96.0
 SELECTIONS = ("auto", "gather", "zero")
 
 
