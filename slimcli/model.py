@@ -78,6 +78,9 @@ def build_model(ckpt: Checkpoint) -> nn.Module:
         shape = tuple(int(d) for d in ckpt.meta["input_shape"])
         coupling = str(ckpt.meta.get("coupling") or "select")  # before coupled groups: one BN at a time
         keep = ckpt.meta.get("keep")
+        if keep is not None and not isinstance(keep, dict):
+            raise CheckpointError(f"slim.keep of checkpoint{where} must be a dict of BN name → channel mask, "
+                                  f"got {type(keep).__name__}; the file was edited or damaged")
         try:
             masks = decode_keep(keep) if isinstance(keep, dict) else None
             rebuilt = apply_widths(model, {k: int(v) for k, v in widths.items()}, input_shape=shape,

@@ -535,3 +535,25 @@ def test_coupling_and_round_to_through_the_cli_rebuild_exactly(
     assert not rows["stage1.0.bn2"]["prunable"] and "tied to" in rows["stage1.0.bn2"]["reason"]
     code, _, stderr = run_cli(["prune", str(ckpt), "--ratio", "0.5", "--coupling", "both"], capsys)
     assert code == 2 and "coupling" in stderr
+
+
+def test_tampered_structure_records_are_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """slim.keep / slim.coupling that do not parse: one Error line naming the field, exit 1."""
+    from slimcli.prune.surgery import encode_keep
+
+    arch = "resnet56:depth=8"
+    dense = _model(arch)
+    plan = compute_keep(dense, "ratio", 0.5)
+    slim, rep = prune_model(dense, plan)
+    base = {**_meta(arch=arch), "widths": rep.widths, "stage": "pruned", "coupling": "auto"}
+    cases = {"hex": ({"keep": dict.fromkeys(rep.keep, "zz")}, "slim.keep"),
+             "coupling": ({"coupling": "weird", "keep": encode_keep(rep.keep)}, "coupling"),
+             "list": ({"keep": [1, 2]}, "slim.keep")}
+    for name, (extra, field) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_checkpoint(path, slim, {**base, **extra})
+        code, _, stderr = run_cli(["inspect", str(path)], capsys)
+        assert code == 1 and stderr.count("Error:") == 1 and field in stderr, stderr
+        assert "Traceback" not in stderr
