@@ -34,9 +34,22 @@ EVAL_BATCH = 1000
 # --------------------------------------------------------------------------------------
 # rebuilding a checkpoint's model
 # --------------------------------------------------------------------------------------
-def _first(names: list[str], n: int = 3) -> str:
+def first_names(names: list[str], n: int = 3) -> str:
+    """The first ``n`` names, comma-separated, with a count of the rest (for one-line errors)."""
     shown = ", ".join(names[:n])
     return shown + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+def fit_problems(wrong: list[str], missing: list[str], unexpected: list[str]) -> list[str]:
+    """Why a state dict does not fit a model, one phrase per kind (empty: it fits)."""
+    problems = []
+    if wrong:
+        problems.append(f"shape mismatch: {first_names(wrong)}")
+    if missing:
+        problems.append(f"missing from the file: {first_names(missing)}")
+    if unexpected:
+        problems.append(f"not in the model: {first_names(unexpected)}")
+    return problems
 
 
 def build_model(ckpt: Checkpoint) -> nn.Module:
@@ -97,13 +110,7 @@ def build_model(ckpt: Checkpoint) -> nn.Module:
         for k, v in expected.items()
         if k in ckpt.tensors and ckpt.tensors[k].shape != v.shape
     ]
-    problems = []
-    if wrong:
-        problems.append(f"shape mismatch: {_first(wrong)}")
-    if missing:
-        problems.append(f"missing from the file: {_first(missing)}")
-    if unexpected:
-        problems.append(f"not in the model: {_first(unexpected)}")
+    problems = fit_problems(wrong, missing, unexpected)
     if problems:
         raise CheckpointError(
             f"checkpoint{where} does not fit architecture '{spec}' ({'; '.join(problems)}); "

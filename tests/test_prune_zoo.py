@@ -9,7 +9,7 @@ import torch
 from _zoo import SHAPE, ZOO
 from torch import nn
 
-from slimcli.prune import apply_widths, compute_keep, masked_dense, prunable_bns, prune_model
+from slimcli.prune import apply_widths, compute_keep, gamma_scores, masked_dense, prunable_bns, prune_model
 from slimcli.testing import randomize_batchnorms
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -142,16 +142,26 @@ def test_round_to_gives_multiples_and_stays_exact(name: str) -> None:
     bns = prunable_bns(model, SHAPE)
     plain = compute_keep(model, "ratio", 0.5, input_shape=SHAPE, bns=bns)
     plan = compute_keep(model, "ratio", 0.5, input_shape=SHAPE, bns=bns, round_to=4)
+    score: dict[int, float] = {}  # coupled class → its (group) score
+    kept, plain_kept = set(), set()
     for n, mask in plan.masks.items():
-        kept, total = int(mask.sum()), mask.numel()
-        assert kept % 4 == 0 or kept == total, (n, kept, total)
+        count, total = int(mask.sum()), mask.numel()
+        assert count % 4 == 0 or count == total, (n, count, total)
         assert bool((mask | ~plain.masks[n]).all()), n  # rounding only gives channels back
-        # the ones given back are the strongest of those the rule dropped
-        added = mask & ~plain.masks[n]
-        dropped = ~mask
-        if added.any() and dropped.any() and bns[n].classes is None:
-            g = model.get_submodule(n).weight.detach().abs()
-            assert float(g[added].min()) >= float(g[dropped].max()), n
+        ids = torch.tensor(bns[n].classes)
+        score.update(zip(ids.tolist(), gamma_scores(model, bns)[n].tolist(), strict=True))
+        kept.update(ids[mask].tolist())
+        plain_kept.update(ids[plain.masks[n]].tolist())
+    # within every conv-created tensor (a rounding unit), the classes given back are the strongest of
+    # those the rule dropped
+    checked = 0
+    for unit in bns.units:
+        added = [score[c] for c in unit if c in kept and c not in plain_kept]
+        dropped = [score[c] for c in unit if c not in kept]
+        if added and dropped:
+            assert min(added) >= max(dropped), unit
+            checked += 1
+    assert checked, "no unit had both channels given back and channels dropped"
     slim, _ = prune_model(model, plan, input_shape=SHAPE)
     x = x_of()
     with torch.no_grad():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -75,34 +75,35 @@ def non_negative(value: float) -> float:
 
 
 
-#: the values of --coupling (slimcli.prune.groups.COUPLINGS, kept here so --help imports no torch)
-COUPLINGS = ("auto", "joint", "select")
-COUPLING_HELP = (
-    "How BatchNorms whose channels are tied (residual sums, depthwise convs, products) are pruned: "
-    "auto = jointly as one group scored by its largest |γ|, with a channel selection in front of a "
-    "BN that reads a shared tensor (the paper's ResNet-164/DenseNet rule); joint = groups only, never "
-    "a selection; select = each BN alone (tied BNs stay whole). [default: auto; a pruned checkpoint "
-    "keeps the coupling it was pruned with]")
+def one_of(*choices: str) -> Callable[[str | None], str | None]:
+    """A Typer callback that accepts one of ``choices`` (or None: the option was not given)."""
+
+    def check(value: str | None) -> str | None:
+        if value is not None and value not in choices:
+            raise typer.BadParameter(f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    return check
 
 
-def coupling_callback(value: str | None) -> str | None:
-    """Validate --coupling."""
-    if value is not None and value not in COUPLINGS:
-        raise typer.BadParameter(f"must be one of {', '.join(COUPLINGS)}, got {value!r}")
-    return value
-
-
-SELECTIONS = ("auto", "gather", "zero")
-SELECTIONS_HELP = (
-    "How a BN that reads a shared tensor (a selection in --coupling auto/select) loses channels: "
-    "gather = network slimming's channel selection in front (an ONNX Gather; the paper's parameter "
-    "counts); zero = it keeps its width with γ = β = 0 on the pruned channels (exact, no gather, the "
-    "next layer keeps its inputs); auto = a gather only where it saves enough MACs per copied element "
-    "(docs/pruning.md).")
-
-
-def selections_callback(value: str) -> str:
-    """Validate --selections."""
-    if value not in SELECTIONS:
-        raise typer.BadParameter(f"must be one of {', '.join(SELECTIONS)}, got {value!r}")
-    return value
+# The pruning options slim prune, inspect and sweep share (values as slimcli.prune.groups.COUPLINGS
+# and slimcli.prune.surgery.SELECTIONS, spelled here so --help imports no torch).
+CouplingOption = Annotated[str | None, typer.Option(
+    "--coupling", callback=one_of("auto", "joint", "select"), show_default=False,
+    help="How BatchNorms whose channels are tied (residual sums, depthwise and grouped convs, products, "
+         "shuffles) are pruned: auto = jointly as one group scored by the mean |γ| of its members (see "
+         "--group-score of slim prune), with a channel selection in front of a BN that reads a residual "
+         "sum or a concatenation (the paper's ResNet-164/DenseNet rule); joint = groups only, never a "
+         "selection; select = each BN alone (tied BNs stay whole). [default: auto; a pruned checkpoint "
+         "keeps the coupling it was pruned with]")]
+SelectionsOption = Annotated[str, typer.Option(
+    "--selections", callback=one_of("auto", "gather", "zero"),
+    help="How a BN that reads a shared tensor (a selection in --coupling auto/select) loses channels: "
+         "gather = network slimming's channel selection in front (an ONNX Gather; the paper's parameter "
+         "counts); zero = it keeps its width with γ = β = 0 on the pruned channels (exact, no gather, the "
+         "next layer keeps its inputs); auto = a gather only where it saves enough MACs per copied element "
+         "(docs/pruning.md).")]
+RoundToOption = Annotated[int, typer.Option(
+    "--round-to", metavar="N", min=1, max=4096,
+    help="Kept channel counts become multiples of N (adding back the largest-|γ| channels; a layer "
+         "narrower than N stays whole). 8 or 16 let CPU runtimes use their blocked conv kernels.")]

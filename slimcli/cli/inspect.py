@@ -15,13 +15,12 @@ from rich.text import Text
 
 from slimcli._fs import atomic_write_bytes
 from slimcli.cli._common import (
-    COUPLING_HELP,
-    SELECTIONS_HELP,
-    coupling_callback,
+    CouplingOption,
+    RoundToOption,
+    SelectionsOption,
     err,
     library_check,
     out,
-    selections_callback,
 )
 from slimcli.cli.app import app
 from slimcli.errors import SlimError
@@ -404,14 +403,9 @@ def inspect(
     min_channels: Annotated[int, typer.Option(
         "--min-channels", callback=_min_channels,
         help="Channels every layer keeps at least, as slim prune does.")] = 1,
-    round_to: Annotated[int, typer.Option(
-        "--round-to", metavar="N", min=1, max=4096,
-        help="Kept channel counts become multiples of N (adding back the largest-|γ| channels; a layer "
-             "narrower than N stays whole). 8 or 16 let CPU runtimes use their blocked conv kernels.")] = 1,
-    selections: Annotated[str, typer.Option(
-        "--selections", callback=selections_callback, help=SELECTIONS_HELP)] = "gather",
-    coupling: Annotated[str | None, typer.Option(
-        "--coupling", callback=coupling_callback, help=COUPLING_HELP, show_default=False)] = None,
+    round_to: RoundToOption = 1,
+    selections: SelectionsOption = "gather",
+    coupling: CouplingOption = None,
     bins: Annotated[int, typer.Option("--bins", min=1, max=500, help="Bins of the log10|γ| histogram.")] = 20,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print everything as one JSON document on stdout (nothing else).")] = False,

@@ -13,15 +13,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from slimcli.cli._common import (
-    COUPLING_HELP,
-    SELECTIONS_HELP,
-    coupling_callback,
+    CouplingOption,
+    RoundToOption,
+    SelectionsOption,
     device_callback,
     err,
     library_check,
     non_negative,
+    one_of,
     out,
-    selections_callback,
 )
 from slimcli.cli.app import app
 
@@ -60,12 +60,6 @@ def _out_path(value: Path | None) -> Path | None:
     name = value.name if value is not None else ""
     if value is not None and (not name.endswith(".safetensors") or name.endswith(".state.safetensors")):
         raise typer.BadParameter(f"must be a checkpoint file ending in .safetensors, got {value}")
-    return value
-
-
-def _group_score(value: str) -> str:
-    if value not in ("mean", "max"):
-        raise typer.BadParameter(f"must be mean or max, got {value!r}")
     return value
 
 
@@ -195,18 +189,13 @@ def prune(
              "only; 0: off). Skipped with a note when the dataset is not on disk.")] = 2048,
     seed: Annotated[int, typer.Option(
         "--seed", callback=non_negative, help="Seed that draws the recalibration images.")] = 0,
-    round_to: Annotated[int, typer.Option(
-        "--round-to", metavar="N", min=1, max=4096,
-        help="Kept channel counts become multiples of N (adding back the largest-|γ| channels; a layer "
-             "narrower than N stays whole). 8 or 16 let CPU runtimes use their blocked conv kernels.")] = 1,
+    round_to: RoundToOption = 1,
     group_score: Annotated[str, typer.Option(
-        "--group-score", callback=_group_score,
+        "--group-score", callback=one_of("mean", "max"),
         help="How a coupled group of BN channels is scored: mean or max of their |γ| "
              "(max: a group goes only when every member is below the threshold).")] = "mean",
-    selections: Annotated[str, typer.Option(
-        "--selections", callback=selections_callback, help=SELECTIONS_HELP)] = "gather",
-    coupling: Annotated[str | None, typer.Option(
-        "--coupling", callback=coupling_callback, help=COUPLING_HELP, show_default=False)] = None,
+    selections: SelectionsOption = "gather",
+    coupling: CouplingOption = None,
     fold_shift: Annotated[bool, typer.Option(
         "--fold-shift",
         help="Fold the constant relu(β) of removed channels into the next layer's bias / BN running "

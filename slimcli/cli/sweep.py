@@ -9,16 +9,15 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from slimcli.cli._common import (
-    COUPLING_HELP,
-    SELECTIONS_HELP,
-    coupling_callback,
+    CouplingOption,
+    RoundToOption,
+    SelectionsOption,
     device_callback,
     err,
     library_check,
     non_negative,
     out,
     positive,
-    selections_callback,
 )
 from slimcli.cli.app import app
 
@@ -92,14 +91,9 @@ def sweep(
         "--min-channels", callback=_min_channels, show_default=False,
         help="Keep at least N channels per layer and sweep on [default: stop where a layer would "
              "empty, as the paper].")] = None,
-    round_to: Annotated[int, typer.Option(
-        "--round-to", metavar="N", min=1, max=4096,
-        help="Kept channel counts become multiples of N (adding back the largest-|γ| channels; a layer "
-             "narrower than N stays whole). 8 or 16 let CPU runtimes use their blocked conv kernels.")] = 1,
-    selections: Annotated[str, typer.Option(
-        "--selections", callback=selections_callback, help=SELECTIONS_HELP)] = "gather",
-    coupling: Annotated[str | None, typer.Option(
-        "--coupling", callback=coupling_callback, help=COUPLING_HELP, show_default=False)] = None,
+    round_to: RoundToOption = 1,
+    selections: SelectionsOption = "gather",
+    coupling: CouplingOption = None,
     fold_shift: Annotated[bool, typer.Option(
         "--fold-shift", help="Prune as slim prune --fold-shift.")] = False,
     seed: Annotated[int, typer.Option(

@@ -40,27 +40,24 @@ def _meta_of(source: Checkpoint | Mapping[str, Any]) -> dict[str, Any]:
     return {(k[len(_META_PREFIX) :] if k.startswith(_META_PREFIX) else k): v for k, v in meta.items()}
 
 
+def _entry_accuracy(entry: Any) -> float | None:
+    """The test accuracy of one stage's metrics entry, under any of the names slim has used."""
+    if isinstance(entry, Mapping):
+        for name in ("test_acc", "test_accuracy", "accuracy", "acc"):
+            value = entry.get(name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+    return None
+
+
 def latest_accuracy(meta: Mapping[str, Any]) -> float | None:
     """The most recent test accuracy in ``meta["metrics"]`` (a fraction), or None.
 
     Metrics are kept per stage (``{"sparsify": {"test_acc": …}, "pruned": …}``); the current
     stage's entry wins, else the latest stage that has one.
     """
-    metrics = meta.get("metrics")
-    if not isinstance(metrics, Mapping):
-        return None
-    stage = meta.get("stage")
-    order = [stage] if stage in metrics else []
-    order += [s for s in reversed(STAGES) if s in metrics and s != stage]
-    order += [s for s in reversed(list(metrics)) if s not in order]
-    for key in order:
-        entry = metrics.get(key)
-        if isinstance(entry, Mapping):
-            for name in ("test_acc", "test_accuracy", "accuracy", "acc"):
-                value = entry.get(name)
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    return float(value)
-    return None
+    own, other = measured_accuracy(meta)
+    return own if own is not None else (other[1] if other is not None else None)
 
 
 def measured_accuracy(meta: Mapping[str, Any]) -> tuple[float | None, tuple[str, float] | None]:
@@ -75,20 +72,11 @@ def measured_accuracy(meta: Mapping[str, Any]) -> tuple[float | None, tuple[str,
     if not isinstance(metrics, Mapping):
         return None, None
     stage = meta.get("stage")
-
-    def acc(entry: Any) -> float | None:
-        if isinstance(entry, Mapping):
-            for name in ("test_acc", "test_accuracy", "accuracy", "acc"):
-                value = entry.get(name)
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    return float(value)
-        return None
-
-    own = acc(metrics.get(stage)) if stage is not None else None
+    own = _entry_accuracy(metrics.get(stage)) if stage is not None else None
     order = [s for s in reversed(STAGES) if s in metrics and s != stage]
     order += [s for s in reversed(list(metrics)) if s not in order and s != stage]
     for key in order:
-        value = acc(metrics.get(key))
+        value = _entry_accuracy(metrics.get(key))
         if value is not None:
             return own, (str(key), value)
     return own, None

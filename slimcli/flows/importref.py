@@ -46,6 +46,7 @@ from slimcli.checkpoint import STAGES, STATE_SUFFIX, file_sha256, lineage_entry,
 from slimcli.data import create_dataset
 from slimcli.errors import CheckpointError, PruneError, UsageError
 from slimcli.measure import measure
+from slimcli.model import first_names, fit_problems
 from slimcli.prune import apply_widths
 from slimcli.registry import ARCHS, DATASETS
 
@@ -182,11 +183,6 @@ class Detected:
         return f"reference {_REFERENCE_NAME[self.family]}, depth {self.depth}, {self.num_classes} classes"
 
 
-def _first(names: list[str], n: int = 3) -> str:
-    shown = ", ".join(names[:n])
-    return shown + (f" (+{len(names) - n} more)" if len(names) > n else "")
-
-
 def _count(tensors: dict[str, Tensor], pattern: str) -> int:
     return len({m[1] for k in tensors if (m := re.fullmatch(pattern, k))})
 
@@ -197,7 +193,7 @@ def detect(tensors: dict[str, Tensor], where: str = "the file") -> Detected:
     def unknown(why: str) -> CheckpointError:
         return CheckpointError(
             f"{where} is not a checkpoint of the network-slimming reference code ({why}; its first keys are "
-            f"{_first(sorted(tensors), 4)}); slim import reads its vgg, preresnet and densenet models — "
+            f"{first_names(sorted(tensors), 4)}); slim import reads its vgg, preresnet and densenet models — "
             f"load other PyTorch weights with slimcli.checkpoint.import_pth"
         )
 
@@ -269,8 +265,9 @@ def _check_cfg(ref_cfg: list[Any] | None, kept: list[int], where: str) -> None:
     counts = [int(c) for c in ref_cfg if c != "M"]
     if counts != kept:
         raise CheckpointError(
-            f"{where}: its 'cfg' ({_first([str(c) for c in counts], 6)}) disagrees with the kept channels "
-            f"of its state_dict ({_first([str(c) for c in kept], 6)}); the file is damaged or was edited"
+            f"{where}: its 'cfg' ({first_names([str(c) for c in counts], 6)}) disagrees with the kept "
+            f"channels of its state_dict ({first_names([str(c) for c in kept], 6)}); the file is damaged "
+            f"or was edited"
         )
 
 
@@ -313,8 +310,9 @@ def convert(
         else:
             renamed[new], key_map[new] = value, key
     if unknown:
-        raise CheckpointError(f"{where} has tensors the reference {family} does not have: {_first(unknown)}; "
-                              f"it was not written by the network-slimming reference code")
+        raise CheckpointError(f"{where} has tensors the reference {family} does not have: "
+                              f"{first_names(unknown)}; it was not written by the network-slimming "
+                              f"reference code")
 
     # 2. the selections: which channels each one passes on
     kept: dict[str, Tensor] = {}
@@ -357,7 +355,7 @@ def convert(
             widths[n] = k
     if too_wide:
         raise CheckpointError(
-            f"{where} does not fit --arch {spec} (shape mismatch: {_first(too_wide)}); {hint}")
+            f"{where} does not fit --arch {spec} (shape mismatch: {first_names(too_wide)}); {hint}")
     _check_cfg(cfg, [k for _, k in sorted(counts)], where)  # cfg follows the reference's module order
 
     # 4. the slim structure: apply_widths keeps the first k channels; the values come next
@@ -394,15 +392,9 @@ def convert(
         f"{k} (file {key_map.get(k, k)}) {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
         for k, v in state.items() if v.shape != expected[k].shape
     ]
-    problems = []
-    if wrong:
-        problems.append(f"shape mismatch: {_first(wrong)}")
-    if missing:
-        problems.append(f"missing from the file: {_first(missing)}")
-    if unexpected:
-        problems.append(f"not in the model: {_first(unexpected)}")
+    problems = fit_problems(wrong, missing, unexpected)
     if dropped:
-        problems.append(f"slim has no channel selection for {_first(dropped)}")
+        problems.append(f"slim has no channel selection for {first_names(dropped)}")
     if problems:
         raise CheckpointError(f"{where} does not fit --arch {spec} ({'; '.join(problems)}); {hint}")
     slim.load_state_dict(state, strict=True)

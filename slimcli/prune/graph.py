@@ -1,22 +1,16 @@
-"""Graph analysis: which BatchNorms can lose channels, and what has to change with them.
+"""Graph analysis: which BatchNorms can lose channels, with which others, and why not.
 
-The model is traced with torch.fx and run once on a small zero input to record every
-tensor's shape. For each BatchNorm the analysis then walks
-
-- **backwards** from its input through channel-wise ops to the *producer*: a conv (groups 1)
-  or a linear whose output goes nowhere else can simply lose output channels; anything else
-  (a residual sum, a concatenation, the network input, a tensor used twice) gets a
-  :class:`~slimcli.prune.select.ChannelSelection` in front of the BatchNorm;
-- **forwards** from its output through zero-preserving channel-wise ops (ReLU-like
-  activations, pooling, dropout, identity, flatten) to the *consumers*: convs (groups 1) and
-  linears that lose the matching input channels (``H·W`` input features per channel after a
-  flatten).
-
-A BatchNorm is prunable only when every forward path ends in a consumer. Anything else —
-an add, a concatenation, a product, the model output, an op the walk does not know — ties
-its channels to something that cannot shrink with it, so it is reported as not prunable
-with the reason. The rules are deliberately conservative: a wrong "prunable" would silently
-change the network; a wrong "not prunable" only keeps a few channels.
+The model is traced with torch.fx (BatchNorms, including subclasses with a built-in
+activation, stay single nodes) and run once on a small zero input to record every tensor's
+shape. The channel flow of :mod:`slimcli.prune.groups` then gives every channel a coupled
+class; a BatchNorm is prunable when at least one of its classes may go, and its
+:class:`BNInfo` carries those classes (shared ids = removed together), the group it belongs
+to and, where nothing may go, the reason. Two older walks stay for reports and the shift
+folding: **backwards** to the producer the BatchNorm reads (``BNInfo.producer``, ``reads``)
+and **forwards** through zero-preserving channel-wise ops to the convs and linears that
+consume it alone (``BNInfo.consumers``, :class:`Edit`). The rules are conservative on
+purpose: a wrong "prunable" would silently change the network; a wrong "not prunable" only
+keeps a few channels.
 """
 
 from __future__ import annotations
@@ -109,13 +103,11 @@ class BNTable(dict):  # type: ignore[type-arg]
 
 @dataclass
 class Edit:
-    """The graph nodes that change when one prunable BatchNorm loses channels."""
+    """A BatchNorm that prunes alone through channel-wise ops into its consumers (what the shift
+    folding follows; the surgery itself works on the channel flow)."""
 
     bn: Node
-    producer: Node | None  # conv/linear losing output channels
-    selection: Node | None  # an existing ChannelSelection read only by this BatchNorm
     consumers: list[tuple[Node, int]]  # (conv/linear node, input features per channel)
-    flattens: list[Node]  # view/reshape flattens on the way, rewritten as torch.flatten(x, 1)
 
 
 @dataclass
@@ -145,14 +137,8 @@ class Analysis:
         gm = copy.deepcopy(self.gm)
         nodes = {n.name: n for n in gm.graph.nodes}
 
-        def same(n: Node | None) -> Node | None:
-            return None if n is None else nodes[n.name]
-
-        edits = {
-            name: Edit(nodes[e.bn.name], same(e.producer), same(e.selection),
-                       [(nodes[c.name], k) for c, k in e.consumers], [nodes[f.name] for f in e.flattens])
-            for name, e in self.edits.items()
-        }
+        edits = {name: Edit(nodes[e.bn.name], [(nodes[c.name], k) for c, k in e.consumers])
+                 for name, e in self.edits.items()}
         flow = self.flow.remap(nodes) if self.flow is not None else None
         return Analysis(gm, self.input_shape, self.bns, edits, self.shapes, flow, self.coupling)
 
@@ -279,33 +265,32 @@ def _find_producer(
 
 def _find_consumers(
     bn: Node, modules: dict[str, nn.Module], counts: dict[str, int], shapes: dict[Node, tuple[int, ...]]
-) -> tuple[list[tuple[Node, int]], list[Node], str | None]:
-    """(consumers with input features per channel, flattens to rewrite, reason if not prunable)."""
+) -> tuple[list[tuple[Node, int]], str | None]:
+    """(consumers with input features per channel, reason if the BN does not prune alone)."""
     channels = shapes[bn][1]
     consumers: list[tuple[Node, int]] = []
-    flattens: list[Node] = []
     stack: list[tuple[Node, int]] = [(bn, 1)]
     while stack:
         src, factor = stack.pop()
         src_ndim = len(shapes[src])
         for user in src.users:
             if user.op == "output":
-                return [], [], "its output is a model output"
+                return [], "its output is a model output"
             if is_shape_query(user, src_ndim):
                 continue
             what = describe(user, modules)
             tensor_inputs = [n for n in user.all_input_nodes if n in shapes]
             if tensor_inputs != [src]:
                 if user.op == "call_function" and user.target in ADD:
-                    return [], [], f"its output feeds {what}, tying its channels to the other summand"
+                    return [], f"its output feeds {what}, tying its channels to the other summand"
                 if user.op == "call_function" and user.target in CAT:
-                    return [], [], f"its output feeds {what}"
-                return [], [], f"its output is combined with another tensor in {what}"
+                    return [], f"its output feeds {what}"
+                return [], f"its output is combined with another tensor in {what}"
             if user.op == "call_module":
                 m = modules[user.target]
                 # stateless modules (a shared ReLU) may be called anywhere; weights may not
                 if counts[user.target] > 1 and any(True for _ in m.parameters()):
-                    return [], [], f"its output feeds '{user.target}', which is called more than once"
+                    return [], f"its output feeds '{user.target}', which is called more than once"
                 layout_ok = None
                 if isinstance(m, _ConvNd) and is_weight_layer(m):
                     layout_ok = factor == 1 and m.in_channels == channels and src_ndim >= 3
@@ -313,23 +298,22 @@ def _find_consumers(
                     layout_ok = src_ndim == 2 and m.in_features == channels * factor
                 if layout_ok is not None:
                     if not layout_ok:
-                        return [], [], f"its output reaches {what} in an unexpected layout"
+                        return [], f"its output reaches {what} in an unexpected layout"
                     consumers.append((user, factor))
                     continue
                 if isinstance(m, nn.Flatten) and flattens_shape(shapes[src], shapes.get(user)):
                     stack.append((user, factor * math.prod(shapes[src][2:])))
                     continue
                 if isinstance(m, _ConvNd) and m.groups != 1:
-                    return [], [], f"its output feeds the grouped conv '{user.target}' (groups={m.groups})"
+                    return [], f"its output feeds the grouped conv '{user.target}' (groups={m.groups})"
             elif is_flatten(user, src, shapes):
-                flattens.append(user)
                 stack.append((user, factor * math.prod(shapes[src][2:])))
                 continue
             if is_channelwise(user, modules, shapes):
                 stack.append((user, factor))
                 continue
-            return [], [], f"its output feeds {what}, which slim cannot prune through"
-    return consumers, flattens, None
+            return [], f"its output feeds {what}, which slim cannot prune through"
+    return consumers, None
 
 
 def _check_coupling(coupling: str) -> str:
@@ -353,12 +337,12 @@ def analyze(
     modules = dict(gm.named_modules())
     counts = call_counts(gm)
     flow = channel_flow(gm, shapes, counts, coupling)
-    table = flow.root_table()
+    table = flow.table
     members: dict[int, list[str]] = {}
     for name, (_node, ids) in flow.bns.items():
         for r in set(table[ids].tolist()):
             members.setdefault(r, []).append(name)
-    group = groups_of(flow, flow.bns)
+    group = groups_of(flow)
     analysis = Analysis(gm, shape, BNTable(), shapes={n.name: s for n, s in shapes.items()}, flow=flow,
                         coupling=coupling)
     seen: set[str] = set()
@@ -371,7 +355,7 @@ def analyze(
         seen.add(name)
         bn = modules[name]
         producer, selection, reads = _find_producer(node, modules, counts, shapes)
-        consumers, flattens, simple_reason = _find_consumers(node, modules, counts, shapes)
+        consumers, simple_reason = _find_consumers(node, modules, counts, shapes)
         classes: tuple[int, ...] | None = None
         reason: str | None = None
         if counts[name] > 1:
@@ -414,7 +398,7 @@ def analyze(
         )
         simple = reason is None and simple_reason is None and not in_group and -1 not in (classes or ())
         if simple:  # the shift folding follows these edits (one BN, channel-wise ops to consumers)
-            analysis.edits[name] = Edit(node, producer, selection, consumers, flattens)
+            analysis.edits[name] = Edit(node, consumers)
     removable = {c for b in analysis.bns.values() if b.classes is not None for c in b.classes if c >= 0}
     if removable:
         sets, units = set(), set()

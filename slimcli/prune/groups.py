@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,14 +121,24 @@ def is_plain_or_fused_bn(m: nn.Module) -> bool:
 # the result
 
 
+def _find(parent: list[int], i: int) -> int:
+    """The root of ``i`` in the union-find ``parent`` (with path compression)."""
+    root = i
+    while parent[root] != root:
+        root = parent[root]
+    while parent[i] != root:
+        parent[i], i = root, parent[i]
+    return root
+
+
 @dataclass
 class Flow:
     """The channel flow of one traced model (see the module docstring)."""
 
     #: node → raw channel id of every entry of dim 1 (tensors with a channel dimension only)
     ids: dict[Node, Tensor]
-    #: union-find parents over raw ids
-    parent: list[int]
+    #: raw id → class root (the final union-find, resolved once)
+    table: Tensor
     #: root → why the class cannot be removed (first reason found)
     frozen: dict[int, str]
     #: BN name → (its node, raw ids of its output channels)
@@ -141,25 +150,9 @@ class Flow:
     #: nodes whose literal channel arguments the surgery must rewrite (slices, splits, reshapes)
     rewrites: dict[Node, str] = field(default_factory=dict)
 
-    def find(self, i: int) -> int:
-        parent = self.parent
-        root = i
-        while parent[root] != root:
-            root = parent[root]
-        while parent[i] != root:
-            parent[i], i = root, parent[i]
-        return root
-
-    def roots(self, ids: Tensor) -> Tensor:
-        return torch.tensor([self.find(int(i)) for i in ids.tolist()], dtype=torch.long)
-
-    def root_table(self) -> Tensor:
-        """raw id → class root, for all ids at once."""
-        return torch.tensor([self.find(i) for i in range(len(self.parent))], dtype=torch.long)
-
     def remap(self, nodes: dict[str, Node]) -> Flow:
         """The same flow for a deep copy of the graph (``nodes``: name → copied node)."""
-        return Flow({nodes[n.name]: t for n, t in self.ids.items()}, list(self.parent), self.frozen,
+        return Flow({nodes[n.name]: t for n, t in self.ids.items()}, self.table, self.frozen,
                     {k: (nodes[n.name], t) for k, (n, t) in self.bns.items()}, set(self.selected), self.ties,
                     {nodes[n.name]: r for n, r in self.rewrites.items()})
 
@@ -195,13 +188,7 @@ class _Builder:
         return torch.arange(start, start + n, dtype=torch.long)
 
     def find(self, i: int) -> int:
-        parent = self.parent
-        root = i
-        while parent[root] != root:
-            root = parent[root]
-        while parent[i] != root:
-            parent[i], i = root, parent[i]
-        return root
+        return _find(self.parent, i)
 
     def unite(self, a: Tensor, b: Tensor, what: str) -> None:
         for x, y in zip(a.tolist(), b.tolist(), strict=True):
@@ -268,7 +255,8 @@ class _Builder:
         ties: dict[int, str] = {}
         for x, _y, what in self.ties:
             ties.setdefault(self.find(x), what)
-        return Flow(self.ids, self.parent, frozen, self.bns, self.selected, ties, self.rewrites)
+        table = torch.tensor([self.find(i) for i in range(len(self.parent))], dtype=torch.long)
+        return Flow(self.ids, table, frozen, self.bns, self.selected, ties, self.rewrites)
 
     def tensor_inputs(self, node: Node) -> list[Node]:
         return [n for n in node.all_input_nodes if n in self.shapes]
@@ -770,44 +758,26 @@ def channel_flow(gm: GraphModule, shapes: dict[Node, tuple[int, ...]], counts: d
     # BatchNorm reading a shared tensor that the first pass cannot prune at all
     joint = _Builder(gm, shapes, counts, "auto")
     flow = joint.run()
-    table = flow.root_table()
     stuck = {name for name, (node, ids) in flow.bns.items()
-             if all(int(r) in flow.frozen for r in table[ids].tolist()) and joint.reads_junction(node)}
+             if all(int(r) in flow.frozen for r in flow.table[ids].tolist()) and joint.reads_junction(node)}
     if not stuck:
         return flow
     return _Builder(gm, shapes, counts, "auto", select=stuck | flow.selected).run()
 
 
-def groups_of(flow: Flow, names: Iterable[str]) -> dict[str, str]:
-    """BN name → the name of the first BatchNorm (in graph order) it shares a class with."""
-    first: dict[int, str] = {}
-    out: dict[str, str] = {}
-    comp: dict[int, int] = {}  # class root → component id (BNs sharing any class)
-    bn_roots = {n: set(flow.roots(flow.bns[n][1]).tolist()) for n in names}
-    # union BNs over shared classes
-    parent = {n: n for n in bn_roots}
-
-    def find(n: str) -> str:
-        while parent[n] != n:
-            parent[n] = parent[parent[n]]
-            n = parent[n]
-        return n
-
-    for n, roots in bn_roots.items():
-        for r in roots:
-            if r in comp:
-                a, b = find(n), find(first[r])
-                if a != b:
-                    parent[a] = b
+def groups_of(flow: Flow) -> dict[str, str]:
+    """BN name → the first BatchNorm (graph order) of the BatchNorms it shares classes with, transitively."""
+    names = list(flow.bns)
+    parent = list(range(len(names)))
+    owner: dict[int, int] = {}  # class root → index of the first BN that has it
+    for i, name in enumerate(names):
+        for r in set(flow.table[flow.bns[name][1]].tolist()):
+            if r in owner:
+                a, b = _find(parent, i), _find(parent, owner[r])
+                parent[max(a, b)] = min(a, b)  # the earlier BN stays the root
             else:
-                comp[r], first[r] = 1, n
-    order = list(bn_roots)
-    rep: dict[str, str] = {}
-    for n in order:
-        rep.setdefault(find(n), n)
-    for n in order:
-        out[n] = rep[find(n)]
-    return out
+                owner[r] = i
+    return {name: names[_find(parent, i)] for i, name in enumerate(names)}
 
 
 __all__ = ["COUPLINGS", "Flow", "channel_flow", "fused_activation", "groups_of", "is_plain_or_fused_bn"]

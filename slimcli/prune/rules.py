@@ -223,21 +223,50 @@ def gamma_scores(
     return scores
 
 
-def couple_masks(masks: dict[str, Tensor], bns: Mapping[str, BNInfo]) -> dict[str, Tensor]:
-    """Keep a coupled channel everywhere when any of its BatchNorms keeps it (``min_channels``)."""
+def _class_ids(bns: Mapping[str, BNInfo], name: str) -> Tensor | None:
+    classes = bns[name].classes if name in bns else None
+    return None if classes is None else torch.tensor(classes, dtype=torch.long)
+
+
+def _kept_classes(masks: Mapping[str, Tensor], bns: Mapping[str, BNInfo]) -> set[int]:
+    """The coupled classes some BatchNorm's mask keeps (never the frozen marker -1)."""
     kept: set[int] = set()
     for name, mask in masks.items():
-        classes = bns[name].classes if name in bns else None
-        if classes is not None:
-            kept.update(torch.tensor(classes, dtype=torch.long)[mask].tolist())
+        ids = _class_ids(bns, name)
+        if ids is not None:
+            kept.update(ids[mask].tolist())
     kept.discard(-1)
+    return kept
+
+
+def _class_scores(scores: Mapping[str, Tensor], bns: Mapping[str, BNInfo]) -> dict[int, float]:
+    """Class → its score (coupled scores are equal across members; the largest is taken)."""
+    best: dict[int, float] = {}
+    for name, s in scores.items():
+        ids = _class_ids(bns, name)
+        if ids is not None:
+            for k, v in zip(ids.tolist(), s.tolist(), strict=True):
+                best[k] = max(best.get(k, -math.inf), v)
+    return best
+
+
+def _keep_classes(
+    masks: Mapping[str, Tensor], bns: Mapping[str, BNInfo], classes: set[int]
+) -> dict[str, Tensor]:
+    """``masks`` with every channel of ``classes`` kept, in every BatchNorm that has it."""
+    if not classes:
+        return dict(masks)
+    wanted = torch.tensor(sorted(classes), dtype=torch.long)
     out = {}
     for name, mask in masks.items():
-        classes = bns[name].classes if name in bns else None
-        if classes is not None and kept:
-            mask = mask | torch.isin(torch.tensor(classes, dtype=torch.long), torch.tensor(sorted(kept)))
-        out[name] = mask
+        ids = _class_ids(bns, name)
+        out[name] = mask if ids is None else mask | torch.isin(ids, wanted)
     return out
+
+
+def couple_masks(masks: dict[str, Tensor], bns: Mapping[str, BNInfo]) -> dict[str, Tensor]:
+    """Keep a coupled channel everywhere when any of its BatchNorms keeps it (``min_channels``)."""
+    return _keep_classes(masks, bns, _kept_classes(masks, bns))
 
 
 def ratio_threshold(scores: Mapping[str, Tensor], ratio: float) -> float | None:
@@ -292,17 +321,10 @@ def _round_units(masks: dict[str, Tensor], scores: Mapping[str, Tensor], bns: Ma
                  units: Sequence[tuple[int, ...]], n: int) -> dict[str, Tensor]:
     """--round-to on coupled graphs: the kept classes of every tensor a conv (or selection) creates
     become a multiple of ``n`` (adding back its strongest classes), so every conv has round counts on
-    both sides and a BatchNorm after a concatenation sums round pieces; classes of BatchNorms that
-    prune alone (no class ids) are rounded per BatchNorm."""
-    best: dict[int, float] = {}
-    kept: set[int] = set()
-    for name, mask in masks.items():
-        classes = bns[name].classes
-        if classes is None:
-            continue
-        kept.update(torch.tensor(classes, dtype=torch.long)[mask].tolist())
-        for k, v in zip(classes, scores[name].tolist(), strict=True):
-            best[k] = max(best.get(k, -math.inf), v)
+    both sides and a BatchNorm after a concatenation sums round pieces; BatchNorms without class ids
+    are rounded one by one."""
+    best = _class_scores(scores, bns)
+    kept = _kept_classes(masks, bns)
     for _ in range(64):
         changed = False
         for unit in units:
@@ -315,12 +337,7 @@ def _round_units(masks: dict[str, Tensor], scores: Mapping[str, Tensor], bns: Ma
                 changed = True
         if not changed:
             break
-    wanted = torch.tensor(sorted(kept), dtype=torch.long)
-    out = {}
-    for name, mask in masks.items():
-        classes = bns[name].classes
-        ids = None if classes is None else torch.tensor(classes, dtype=torch.long)
-        out[name] = mask if ids is None else mask | torch.isin(ids, wanted)
+    out = _keep_classes(masks, bns, kept)
     plain = {k: v for k, v in out.items() if bns[k].classes is None}
     if plain:
         out.update(round_masks(plain, scores, bns, n))
@@ -356,29 +373,13 @@ def _keep_every_tensor(masks: dict[str, Tensor], scores: Mapping[str, Tensor], b
                        keep_one: Sequence[tuple[int, ...]]) -> dict[str, Tensor]:
     """Give back the strongest coupled class of every tensor the masks would empty, then couple."""
     masks = couple_masks(masks, bns)
-    kept: set[int] = set()
-    best: dict[int, float] = {}
-    for name, mask in masks.items():
-        classes = bns[name].classes
-        if classes is None:
-            continue
-        c = torch.tensor(classes, dtype=torch.long)
-        kept.update(c[mask].tolist())
-        for k, v in zip(classes, scores[name].tolist(), strict=True):
-            best[k] = max(best.get(k, -math.inf), v)
-    extra = set()
+    kept = _kept_classes(masks, bns)
+    best = _class_scores(scores, bns)
+    extra: set[int] = set()
     for group in keep_one:
         if not kept.intersection(group) and not extra.intersection(group):
             extra.add(max(group, key=lambda k: (best.get(k, -math.inf), -k)))
-    if not extra:
-        return masks
-    wanted = torch.tensor(sorted(extra), dtype=torch.long)
-    out = {}
-    for name, mask in masks.items():
-        classes = bns[name].classes
-        ids = None if classes is None else torch.tensor(classes, dtype=torch.long)
-        out[name] = mask if ids is None else mask | torch.isin(ids, wanted)
-    return out
+    return _keep_classes(masks, bns, extra)
 
 
 def _emptied_error(emptied: Sequence[str], what: str) -> PruneError:

@@ -251,9 +251,8 @@ def _narrow_outputs(m: nn.Module, index: Tensor) -> None:
         m.out_features = index.numel()
 
 
-def _narrow_inputs(m: nn.Module, index: Tensor, per_channel: int) -> None:
-    if per_channel > 1:  # after a flatten, channel c is the block of input features [c·k, (c+1)·k)
-        index = (index[:, None] * per_channel + torch.arange(per_channel)).reshape(-1)
+def _narrow_inputs(m: nn.Module, index: Tensor) -> None:
+    """Keep the input channels (or, after a flatten, the input features) at ``index``."""
     _slice(m, "weight", index, 1)
     if isinstance(m, _ConvNd):
         m.in_channels = index.numel()
@@ -295,7 +294,7 @@ class _Kept:
         flow = analysis.flow
         assert flow is not None
         self.flow = flow
-        self.table = flow.root_table()
+        self.table = flow.table
         removed: set[int] = set()
         for name, index in keep.items():
             ids = flow.bns[name][1]
@@ -444,7 +443,7 @@ def _zero_in_place(analysis: Analysis, keep: Mapping[str, Tensor], selections: s
             zero_bns.append(name)
     if not zero_bns:
         return dict(keep), forms
-    table = flow.root_table()
+    table = flow.table
 
     def pruned_roots(name: str, index: Tensor) -> Tensor:
         ids = flow.bns[name][1]
@@ -532,7 +531,7 @@ def _surgery(analysis: Analysis, keep: Mapping[str, Tensor]) -> GraphModule:
         elif isinstance(m, _ConvNd | nn.Linear):
             index_in, index_out = kept.index(src), kept.index(node)
             if index_in is not None:
-                _narrow_inputs(m, index_in, 1)
+                _narrow_inputs(m, index_in)
             if index_out is not None:
                 _narrow_outputs(m, index_out)
     originals = {node: node.args[0] for node in flow.rewrites}

@@ -147,7 +147,7 @@ class _CostFormula:
             return None
         flow = analysis.flow
         assert flow is not None
-        table = flow.root_table()
+        table = flow.table
         macs = {row.name: row.macs for row in dense.per_layer}
         layers: list[_Layer] = []
         for node in analysis.gm.graph.nodes:
@@ -209,9 +209,10 @@ class _Surgery:
         """The structural masks prune_model builds (zero-realised selections keep their width)."""
         return realise(self.analysis, masks, selections)
 
-    def __call__(self, widths: Mapping[str, int], masks: Mapping[str, Tensor]) -> tuple[int, int]:
+    def __call__(self, masks: Mapping[str, Tensor]) -> tuple[int, int]:
+        """(params, FLOPs) of the slim structure that keeps the structural ``masks``."""
         widths = {n: int(m.sum()) for n, m in masks.items()}
-        slim = rebuild(self.analysis.clone(), dict(widths), name=type(self.twin).__name__, keep=masks)
+        slim = rebuild(self.analysis.clone(), widths, name=type(self.twin).__name__, keep=masks)
         cost = measure(slim, self.shape)
         return int(cost.params), int(cost.flops)
 
@@ -302,20 +303,20 @@ def what_if(
         if built:
             checks.add(built[-1][0])  # the most pruned model: every layer any row shrinks shrinks here
         ok = True
-        for ratio, _, widths, _, _ in (p for p in plans if p[0] in checks):
+        for ratio in sorted(checks):
             log(f"checking the closed form by surgery at ratio {ratio:g}")
-            if surgery(widths, masks[ratio]) != calc(masks[ratio]):
+            if surgery(masks[ratio]) != calc(masks[ratio]):
                 ok = False
                 break
         if ok:
             info.update(method="formula", checked_ratios=sorted(checks))
-            costs = {ratio: calc(masks[ratio]) for ratio, _, _, _, _ in built}
+            costs = {ratio: calc(masks[ratio]) for ratio, *_ in built}
         else:
             info["note"] = "the closed form disagreed with surgery; every row was built"
     if info["method"] == "surgery":
-        for i, (ratio, _, widths, _, _) in enumerate(built, 1):
+        for i, (ratio, *_) in enumerate(built, 1):
             log(f"building the slim model for ratio {ratio:g} ({i}/{len(built)})")
-            costs[ratio] = surgery(widths, masks[ratio])
+            costs[ratio] = surgery(masks[ratio])
 
     total = sum(b.channels for b in bns.values() if b.prunable)
     rows = []
