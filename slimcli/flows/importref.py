@@ -42,9 +42,10 @@ import torch
 from torch import Tensor, nn
 
 from slimcli.archs import create_arch
-from slimcli.checkpoint import STAGES, STATE_SUFFIX, file_sha256, lineage_entry, read_pth, save_checkpoint
+from slimcli.checkpoint import STAGES, file_sha256, lineage_entry, read_pth, save_checkpoint
 from slimcli.data import create_dataset
 from slimcli.errors import CheckpointError, PruneError, UsageError
+from slimcli.flows.prune import check_out
 from slimcli.measure import measure
 from slimcli.model import first_names, fit_problems
 from slimcli.prune import apply_widths
@@ -453,17 +454,6 @@ def default_out(path: str | os.PathLike[str]) -> Path:
     return p.with_name(stem + SUFFIX)
 
 
-def _check_out(source: Path, out: Path, force: bool = False) -> None:
-    if not out.name.endswith(SUFFIX) or out.name.endswith(STATE_SUFFIX):
-        raise UsageError(f"--out must be a checkpoint file ending in {SUFFIX} (not {STATE_SUFFIX}), "
-                         f"got {out}; e.g. {default_out(source)}")
-    if out.is_dir():
-        raise UsageError(f"--out {out} is a folder; give a file name ending in {SUFFIX}")
-    if out.exists() and not force:
-        raise UsageError(f"{out} already exists (an earlier import?); pass --force to replace it, or choose "
-                         f"another --out")
-
-
 def _dataset(spec: str | None, num_classes: int, where: str) -> Any:
     if spec is None:
         spec = DEFAULT_DATASETS.get(num_classes)
@@ -502,7 +492,7 @@ def import_reference(
     say = log or (lambda _msg: None)
     source = Path(path)
     target = Path(out) if out is not None else default_out(source)
-    _check_out(source, target, force)
+    check_out(source, target, force, default=default_out(source), what="import")
     if stage is not None and stage not in STAGES:
         raise UsageError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     ref = read_reference(source)

@@ -135,10 +135,15 @@ def newest_checkpoint(root: str | os.PathLike[str] = "runs") -> Path:
     return best if newest.name == "last" + SUFFIX and best.is_file() else newest
 
 
-def _check_out(source: Path, out: Path, force: bool = False) -> None:
+def check_out(source: Path, out: Path, force: bool = False, *, default: Path | None = None,
+              what: str = "prune") -> None:
+    """``--out`` of a command that writes one checkpoint from ``source``: a ``.safetensors`` file
+    name (``default`` is the example the message gives), never the input, never an existing file
+    without ``force``."""
+    default = default or default_out(source)
     if not out.name.endswith(SUFFIX) or out.name.endswith(STATE_SUFFIX):
         raise UsageError(f"--out must be a checkpoint file ending in {SUFFIX} (not {STATE_SUFFIX}), "
-                         f"got {out}; e.g. {default_out(source)}")
+                         f"got {out}; e.g. {default}")
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder; give a file name ending in {SUFFIX}")
     same = out.resolve() == source.resolve()
@@ -146,11 +151,11 @@ def _check_out(source: Path, out: Path, force: bool = False) -> None:
         with contextlib.suppress(OSError):
             same = os.path.samefile(out, source)
     if same:
-        raise UsageError(f"--out {out} is the input checkpoint; pruning never overwrites its input, "
-                         f"choose another file (default: {default_out(source)})")
+        raise UsageError(f"--out {out} is the input checkpoint; slim never overwrites its input, "
+                         f"choose another file (default: {default})")
     if out.exists() and not force:
-        raise UsageError(f"{out} already exists (an earlier prune?); pass --force to replace it, or choose "
-                         f"another --out")
+        raise UsageError(f"{out} already exists (an earlier {what}?); pass --force to replace it, or "
+                         f"choose another --out")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,7 +391,7 @@ def prune_checkpoint(
     check_min_channels(min_channels)
     source = Path(ckpt_path)
     target = Path(out) if out is not None else default_out(source)
-    _check_out(source, target, force)
+    check_out(source, target, force)
     onnx_path = Path(export) if export is not None else None
     if onnx_path is not None:
         if onnx_path.exists() and not onnx_path.is_dir() and not force:
