@@ -141,7 +141,12 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     """
     d, device_text = init_from_env(config.device)
     try:
-        return _train(dataclasses.replace(config, device=device_text), reporter, d)
+        result = _train(dataclasses.replace(config, device=device_text), reporter, d)
+        # every rank has finished its collectives before the group is torn down (a rank that exits
+        # while another still talks to it can abort in gloo's teardown); only on success, so a lost
+        # rank never makes the survivors wait here
+        d.barrier()
+        return result
     finally:
         shutdown(d)
 
