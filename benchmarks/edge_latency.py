@@ -37,6 +37,7 @@ from slimcli.export import export_onnx
 from slimcli.export.runtimes import check_runtimes, loaded_runtimes, parse_runtimes, runtime_version
 from slimcli.measure import interleaved_medians, measure
 from slimcli.prune import compute_keep, prune_model
+from slimcli.prune.reform import reform
 
 SHAPE = (3, 32, 32)
 
@@ -77,7 +78,8 @@ def main() -> None:
     ap.add_argument("--forms", default="gather",
                     help="comma list of pruned forms: gather (slim prune's default), zero (--selections "
                          "zero), joint (--coupling joint), each optionally +rN (--round-to N), e.g. "
-                         "gather,zero+r8,joint+r8")
+                         "gather,zero+r8,joint+r8; @SELECTIONS/PAD re-forms the pruned model as slim export "
+                         "does (e.g. gather@zero/16)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -100,18 +102,23 @@ def main() -> None:
             ratio_of: dict[str, float] = {}
             for r in ratios:
                 for form in args.forms.split(","):
-                    base, _, rnd = form.partition("+r")
+                    pruned_as, _, reformed = form.partition("@")
+                    base, _, rnd = pruned_as.partition("+r")
                     coupling = "joint" if base == "joint" else "auto"
                     selections = base if base in ("zero", "auto") else "gather"
                     plan = compute_keep(dense, "ratio", r, 1, input_shape=SHAPE, coupling=coupling,
                                         round_to=int(rnd) if rnd else 1)
                     key = f"{r:g} {form}"
                     models[key], _ = prune_model(dense, plan, input_shape=SHAPE, selections=selections)
+                    if reformed:  # as slim export re-forms it: @SELECTIONS/PAD (e.g. @zero/16)
+                        sel, _, pad = reformed.partition("/")
+                        models[key], _ = reform(models[key], create_arch(arch, 10, SHAPE), selections=sel,
+                                                pad_to=int(pad or 1), input_shape=SHAPE)
                     ratio_of[key] = r
             info: dict[str, dict[str, Any]] = {}
             blobs: dict[str, bytes] = {}
             for key, model in models.items():
-                path = Path(tmp) / f"{arch}-{key}.onnx"
+                path = Path(tmp) / f"{arch}-{key}.onnx".replace("/", "_")
                 export_onnx(model.eval(), path, input_shape=SHAPE, metadata={}, latency_runs=0)
                 blobs[key] = path.read_bytes()
                 m = measure(model, SHAPE)

@@ -52,24 +52,32 @@ def fit_problems(wrong: list[str], missing: list[str], unexpected: list[str]) ->
     return problems
 
 
-def build_model(ckpt: Checkpoint) -> nn.Module:
-    """Rebuild the model a checkpoint describes: registered arch → recorded widths → strict load.
-
-    The model is returned on the CPU in eval mode.
-    """
-    spec = str(ckpt.meta["arch"])
+def dense_model(ckpt: Checkpoint | Mapping[str, Any]) -> nn.Module:
+    """The dense architecture a checkpoint (or its metadata) names, freshly initialised."""
+    meta = ckpt.meta if isinstance(ckpt, Checkpoint) else ckpt
+    path = getattr(ckpt, "path", None)
+    spec = str(meta["arch"])
     name = spec.partition(":")[0].strip()
-    where = f" ({ckpt.path})" if ckpt.path else ""
+    where = f" ({path})" if path else ""
     if not is_file_spec(spec) and name not in ARCHS:  # a user file's problems are create_arch's errors
         raise CheckpointError(
             f"checkpoint{where} needs architecture '{name}', which is not installed; install the plugin "
             f"that provides it (see 'slim list archs')"
         )
     try:
-        model = create_arch(spec, int(ckpt.meta["num_classes"]), tuple(ckpt.meta["input_shape"]))
+        return create_arch(spec, int(meta["num_classes"]), tuple(meta["input_shape"]))
     except UsageError as exc:
         raise CheckpointError(f"cannot build architecture '{spec}'{where}: {exc}") from None
 
+
+def build_model(ckpt: Checkpoint) -> nn.Module:
+    """Rebuild the model a checkpoint describes: registered arch → recorded widths → strict load.
+
+    The model is returned on the CPU in eval mode.
+    """
+    spec = str(ckpt.meta["arch"])
+    where = f" ({ckpt.path})" if ckpt.path else ""
+    model = dense_model(ckpt)
     widths = ckpt.widths or {}
     narrower = False
     for bn_name, kept in widths.items():
@@ -248,6 +256,7 @@ __all__ = [
     "Normalizer",
     "build_model",
     "calibration_images",
+    "dense_model",
     "evaluate",
     "evaluate_tensors",
     "normalization_of",

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.table import Table
 
-from slimcli.cli._common import err, out, positive
+from slimcli.cli._common import err, one_of, out, positive
 from slimcli.cli.app import app
 
 if TYPE_CHECKING:
@@ -138,8 +138,23 @@ def export(
     latency_runs: int = typer.Option(50, "--latency-runs", min=0, help="Timed batch-1 runs (0: skip)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT.onnx if it exists."),
     target: Target = typer.Option(
-        Target.generic, "--target", help="Runtime the file is for (recorded; openvino, ncnn: checked there)."
+        Target.generic, "--target",
+        help="Runtime the file is for: sets how a pruned model is re-formed (--selections, --pad-to) and, "
+             "for openvino and ncnn, checks the file there."
     ),
+    selections: str | None = typer.Option(
+        None, "--selections", callback=one_of("auto", "gather", "zero"), show_default=False,
+        help="How a pruned model's channel selections are realised in the file: gather (ONNX Gather), zero "
+             "(zeroed channels, no Gather) or auto (a Gather only where it saves enough). [default: by "
+             "--target: auto for ort, zero otherwise]"),
+    pad_to: int | None = typer.Option(
+        None, "--pad-to", metavar="N", min=1, max=4096, show_default=False,
+        help="Pad a pruned model's kept channel counts with zero channels to multiples of N (never past "
+             "the dense width; exact), for blocked CPU kernels. [default: by --target: 16 for generic and "
+             "ort, 8 for openvino and ncnn; 1: no padding]"),
+    as_pruned: bool = typer.Option(
+        False, "--as-pruned", help="Export the checkpoint's own structure (the paper's channel counts) "
+                                   "instead of re-forming it for --target."),
     check_runtimes: str | None = typer.Option(
         None, "--check-runtimes", callback=_runtimes, metavar="LIST",
         help="Also check parity and latency in these runtimes: ort,opencv,openvino,ncnn (or all).",
@@ -179,6 +194,9 @@ def export(
         runtimes=check_runtimes or (),
         int8=int8,
         calibration=calibration,
+        as_pruned=as_pruned,
+        selections=selections,
+        pad_to=pad_to,
     )
     for note in report.notes:
         err.print(f"[yellow]note:[/] {note}", highlight=False)

@@ -19,11 +19,16 @@ from slimcli._fs import atomic_write_bytes
 from slimcli._version import __version__
 from slimcli.checkpoint import STAGES, Checkpoint
 from slimcli.data import create_dataset, no_downloads
-from slimcli.errors import DataError, ExportError, SlimError, UsageError
+from slimcli.errors import CheckpointError, DataError, ExportError, PruneError, SlimError, UsageError
+from slimcli.export.choose import fastest
+from slimcli.export.forms import target_form
 from slimcli.export.int8 import QUANTIZATION, Int8Report, compare_int8, int8_path, quantize_int8, set_metadata
 from slimcli.export.onnx import ExportReport, export_onnx
+from slimcli.export.runtimes import runtime_version
 from slimcli.export.verify import require_onnx
-from slimcli.model import Normalizer, build_model, calibration_images, normalization_of
+from slimcli.measure import measure
+from slimcli.model import Normalizer, build_model, calibration_images, dense_model, normalization_of
+from slimcli.prune.reform import form_summary, reform
 
 #: How many test images ``slim export`` / ``prune --export`` compare on.
 REAL_SAMPLES = 16
@@ -180,6 +185,9 @@ def export_checkpoint(
     int8: bool = False,
     calibration: int = DEFAULT_CALIBRATION,
     seed: int = 0,
+    as_pruned: bool = False,
+    selections: str | None = None,
+    pad_to: int | None = None,
 ) -> ExportReport:
     """Export a checkpoint's model (or ``model``, described by ``ckpt``) with its metadata.
 
@@ -190,7 +198,8 @@ def export_checkpoint(
     ``OUT.int8.onnx`` (:mod:`.int8`), calibrated on ``calibration`` training images drawn with
     ``seed`` and compared with the fp32 model on the whole test split (``report.extension`` is
     its :class:`~slimcli.export.int8.Int8Report`); the dataset must be on disk, else nothing
-    is written.
+    is written. A slim model is re-formed for ``target`` first (:func:`reformed`) unless
+    ``as_pruned``; ``selections`` and ``pad_to`` override the target's form.
     """
     meta = _meta_of(ckpt)
     if model is None:
@@ -201,6 +210,11 @@ def export_checkpoint(
     if not shape or len(shape) != 3:
         raise ExportError(f"the checkpoint's input_shape {shape!r} is not (channels, height, width)")
     notes: list[str] = []
+    form = None
+    if not as_pruned:
+        model, form, note = reformed(model, meta, target, selections, pad_to)
+        if note:
+            notes.append(note)
     real: Tensor | None = None
     if real_data:
         try:
@@ -210,11 +224,14 @@ def export_checkpoint(
     else:
         notes.append("real-data check skipped (--no-real-data)")
     extension = _int8_step(meta, data_dir, calibration, seed, latency_runs) if int8 else None
+    props = checkpoint_metadata_for_onnx(meta, sha256=sha256 or getattr(ckpt, "sha256", None))
+    if form is not None:
+        props["slim.form"] = json.dumps(form)
     report = export_onnx(
         model,
         path,
         input_shape=tuple(int(s) for s in shape),  # type: ignore[arg-type]
-        metadata=checkpoint_metadata_for_onnx(meta, sha256=sha256 or getattr(ckpt, "sha256", None)),
+        metadata=props,
         opset=opset,
         real_inputs=real,
         tolerance=tolerance,
@@ -242,6 +259,58 @@ def export_checkpoint(
             **pending[1],
         ))
     return dataclasses.replace(report, notes=tuple(notes))
+
+
+#: the kept-count paddings tried when --pad-to is not given (the fastest measured wins)
+PAD_CANDIDATES = (1, 8, 16)
+
+
+def reformed(
+    model: nn.Module, meta: Mapping[str, Any], target: str, selections: str | None = None,
+    pad_to: int | None = None,
+) -> tuple[nn.Module, dict[str, Any] | None, str | None]:
+    """A slim ``model`` in ``target``'s form (:data:`~slimcli.export.forms.TARGET_FORMS`): (model,
+    ``slim.form`` record, note); a dense model, or one that cannot be re-formed, comes back as is.
+
+    Without ``pad_to`` the paddings of :data:`PAD_CANDIDATES` are timed in the target's runtime
+    (:func:`~slimcli.export.choose.fastest`; ncnn, which is not timed here, takes its default)."""
+    sel, pad = target_form(target, selections, pad_to)
+    if not getattr(model, "slim_keep", None):
+        return model, None, None
+    shape = tuple(int(s) for s in meta["input_shape"])
+    runtime = {"openvino": "openvino"}.get(target, "ort")
+    if runtime_version(runtime) is None:
+        runtime = "ort"
+    pads = (pad,) if pad_to is not None or target == "ncnn" else PAD_CANDIDATES
+    forms: dict[str, tuple[nn.Module, Any]] = {}
+    seen = set()
+    try:
+        dense = dense_model(meta)
+        for p in pads:
+            new, report = reform(model, dense, selections=sel, pad_to=p, input_shape=shape)
+            key = repr(sorted(report.widths.items())) + repr([la.form for la in report.layers])
+            if key not in seen:
+                seen.add(key)
+                forms[f"pad {p}"] = (new, report)
+    except (PruneError, CheckpointError) as exc:
+        return model, None, f"exported as pruned (not re-formed for --target {target}): {exc}"
+    chosen, times = fastest({k: v[0] for k, v in forms.items()}, shape, runtime=runtime)
+    new, report = forms[chosen]
+    pad = int(chosen.split()[1])
+    before, after = measure(model, shape), measure(new, shape)
+    summary = form_summary(report)
+    form = {"selections": sel, "pad_to": pad, "forms": summary["forms"], "layers": summary["layers"],
+            "as_pruned": {"params": before.params, "macs": before.macs}}
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(summary["forms"].items()))
+    timed = ""
+    if times:
+        form["timed"] = {"runtime": runtime, "ms": times}
+        timed = (f"; fastest in {runtime} of " + ", ".join(
+            f"{k} ({' / '.join(f'b{b} {ms:.2f} ms' for b, ms in t.items())})" for k, t in times.items()))
+    note = (f"re-formed for --target {target} (exact, checked): selections {sel} ({counts}), kept counts "
+            f"padded to multiples of {pad}{timed}; params {before.params:,} → {after.params:,}, MACs "
+            f"{before.macs:,} → {after.macs:,} (--as-pruned exports the checkpoint's own structure)")
+    return new, form, note
 
 
 def _test_split(meta: Mapping[str, Any], data_dir: str | os.PathLike[str] | None) -> tuple[Tensor, Tensor]:

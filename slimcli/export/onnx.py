@@ -413,8 +413,8 @@ def export_onnx(
         identity_selections_removed=removed,
         extension=extra,
         notes=(f"{gathers} channel selection(s) export as Gather nodes, which are slow on CPU runtimes "
-               f"(and mistranslated by ncnn's converter); for --target {target}, prune with "
-               f"--selections zero --round-to 8 or --coupling joint (docs/pruning.md)",)
+               f"(and mistranslated by ncnn's converter); export with --selections zero (or "
+               f"without --as-pruned) for a file without them (docs/export.md)",)
         if gathers and target != "generic" else (),
     )
 

@@ -309,12 +309,18 @@ def _keep(
     elif bns is not None and bit:
         masks = couple_masks(masks, bns)
     if round_to > 1:
-        units = getattr(bns, "units", None)
-        if units and bns is not None:
-            masks = _round_units(masks, scores, bns, units, round_to)
-        else:
-            masks = round_masks(masks, scores, bns or {}, round_to)
+        masks = round_up(masks, scores, bns or {}, round_to)
     return masks, bit, emptied
+
+
+def round_up(masks: dict[str, Tensor], scores: Mapping[str, Tensor], bns: Mapping[str, BNInfo],
+             n: int) -> dict[str, Tensor]:
+    """``--round-to n`` on ``masks``: every kept count a multiple of ``n`` (or the layer's width),
+    adding back the largest-score channels; per conv-created tensor where the analysis has units."""
+    units = getattr(bns, "units", None)
+    if units:
+        return _round_units(masks, scores, bns, units, n)
+    return round_masks(masks, scores, bns, n)
 
 
 def _round_units(masks: dict[str, Tensor], scores: Mapping[str, Tensor], bns: Mapping[str, BNInfo],
