@@ -23,6 +23,7 @@ from slimcli.errors import ExportError, SlimError, UsageError
 from slimcli.export import checkpoint_metadata_for_onnx, export_checkpoint, export_onnx, latest_accuracy
 from slimcli.export import onnx as ex_onnx
 from slimcli.export import verify as ex_verify
+from slimcli.prune.surgery import encode_keep
 
 SHAPE = (3, 8, 8)
 FAST = {"latency_runs": 2, "warmup_runs": 1}
@@ -423,7 +424,8 @@ def _pruned_checkpoint(path: Path) -> tuple[nn.Module, dict[str, int]]:
     masks = {n: torch.arange(b.channels) % 3 != 1 for n, b in bns.items() if b.prunable}
     slim_model, report = prune_model(dense, masks, input_shape=SHAPE)
     ds = create_dataset(META["dataset"])
-    meta = {**META, "widths": report.widths, "normalization": {"mean": list(ds.mean), "std": list(ds.std)}}
+    meta = {**META, "widths": report.widths, "normalization": {"mean": list(ds.mean), "std": list(ds.std)},
+            "coupling": report.coupling, "keep": encode_keep(report.keep)}  # as slim prune writes them
     save_checkpoint(path, slim_model, meta)
     assert any(w < bns[n].channels for n, w in report.widths.items())
     return slim_model.eval(), report.widths
@@ -439,9 +441,10 @@ def test_export_checkpoint_has_slim_shapes_and_metadata(tmp_path: Path) -> None:
     ckpt_path = tmp_path / "pruned.safetensors"
     slim_model, widths = _pruned_checkpoint(ckpt_path)
     ckpt = load_checkpoint(ckpt_path)
-    report = export_checkpoint(ckpt, tmp_path / "m.onnx", latency_runs=2)
+    report = export_checkpoint(ckpt, tmp_path / "m.onnx", latency_runs=2, as_pruned=True)
     assert report.checks[-1].inputs == "real" and report.checks[-1].batch == ex.REAL_SAMPLES
     assert not report.notes
+    assert "slim.form" not in report.metadata
     assert report.rel_diff <= 1e-4
     # the ONNX convs have the slim model's weight shapes (BN folding keeps them), not the dense ones
     slim_convs = sorted(tuple(m.weight.shape) for m in slim_model.modules() if isinstance(m, nn.Conv2d))
@@ -462,6 +465,65 @@ def test_export_checkpoint_has_slim_shapes_and_metadata(tmp_path: Path) -> None:
     torch.testing.assert_close(real[0], first)
 
 
+@pytest.mark.parametrize(("target", "selections", "pad"), [("generic", "zero", 4), ("ort", "auto", 2),
+                                                          ("generic", "gather", 1)])
+def test_export_re_forms_a_slim_model_for_its_target(tmp_path: Path, target: str, selections: str,
+                                                     pad: int) -> None:
+    """The file computes the checkpoint's model; widths padded, selections as the target wants."""
+    ckpt_path = tmp_path / "pruned.safetensors"
+    slim_model, _ = _pruned_checkpoint(ckpt_path)
+    report = export_checkpoint(load_checkpoint(ckpt_path), tmp_path / "m.onnx", latency_runs=0, target=target,
+                               selections=None if target == "ort" else selections, pad_to=pad)
+    assert report.notes and report.notes[0].startswith(f"re-formed for --target {target}")
+    form = json.loads(report.metadata["slim.form"])
+    assert form["selections"] == selections and form["pad_to"] == pad
+    assert form["as_pruned"]["params"] == sum(p.numel() for p in slim_model.parameters())
+    assert int(report.metadata["slim.params"]) == report.params  # the file's own count
+    x = torch.randn(5, *SHAPE)
+    got, want = _ort_run(tmp_path / "m.onnx", x), _torch_run(slim_model, x)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    gathers = sum(n.op_type == "Gather" for n in proto.graph.node)
+    assert (gathers == 0) == (selections == "zero") or selections == "auto"
+    from slimcli.archs import create_arch
+
+    dense = {c for m in create_arch(META["arch"], 10, SHAPE).modules() if isinstance(m, nn.Conv2d)
+             for c in (m.in_channels, m.out_channels)}
+    for shape in _conv_weight_shapes(tmp_path / "m.onnx"):
+        assert all(c % pad == 0 or c in dense for c in shape[:2]), shape  # padded, or a dense width
+
+
+def test_export_times_the_paddings_when_none_is_given(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --pad-to the paddings are timed; the fastest wins, one with more MACs only by a margin."""
+    from slimcli.export import choose
+
+    ckpt_path = tmp_path / "pruned.safetensors"
+    _pruned_checkpoint(ckpt_path)
+    fake = {"pad 1": 10.0, "pad 8": 9.9, "pad 16": 5.0}  # pad 8 is within the margin of pad 1
+    monkeypatch.setattr(choose, "time_forms",
+                        lambda models, *a, **k: {n: {1: fake[n], 8: fake[n]} for n in models})
+    report = export_checkpoint(load_checkpoint(ckpt_path), tmp_path / "m.onnx", latency_runs=0)
+    form = json.loads(report.metadata["slim.form"])
+    assert form["pad_to"] == 16 and set(form["timed"]["ms"]) == set(fake)
+    fake.update({"pad 16": 9.8})
+    report = export_checkpoint(load_checkpoint(ckpt_path), tmp_path / "m2.onnx", latency_runs=0)
+    assert json.loads(report.metadata["slim.form"])["pad_to"] == 1
+
+
+def test_a_slim_checkpoint_without_its_kept_channels_exports_as_pruned(tmp_path: Path) -> None:
+    """An older checkpoint (no slim.keep): re-forming cannot know the channels; the check refuses it."""
+    ckpt_path = tmp_path / "pruned.safetensors"
+    slim_model, _ = _pruned_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path)
+    ckpt.meta.pop("keep")
+    report = export_checkpoint(ckpt, tmp_path / "m.onnx", latency_runs=0, pad_to=4)
+    assert report.notes[0].startswith("exported as pruned (not re-formed")
+    x = torch.randn(5, *SHAPE)
+    got, want = _ort_run(tmp_path / "m.onnx", x), _torch_run(slim_model, x)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_export_checkpoint_from_meta_and_model(tmp_path: Path) -> None:
     """What ``prune --export`` does: an in-memory model and its metadata, before any file exists."""
     model = MODELS["graphmodule-index_select"]()
@@ -478,9 +540,10 @@ def test_cli_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     slim_model, _ = _pruned_checkpoint(ckpt)
     out = tmp_path / "model.onnx"
     code, stdout, stderr = run_cli(
-        ["export", str(ckpt), str(out), "--latency-runs", "3", "--opset", "17"], capsys
+        ["export", str(ckpt), str(out), "--latency-runs", "3", "--opset", "17", "--as-pruned"], capsys
     )
     assert code == 0, stderr
+    assert "re-formed" not in stderr
     words = ("model.onnx", "opset", "17", "batch×3×8×8", "params", "max diff", "latency", "16 test images")
     for word in words:
         assert word in stdout
@@ -488,6 +551,16 @@ def test_cli_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     x = torch.randn(5, *SHAPE)
     np.testing.assert_allclose(_ort_run(out, x), _torch_run(slim_model, x), atol=1e-5, rtol=1e-5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "pruned.safetensors"]
+    code, stdout, stderr = run_cli(["export", str(ckpt), str(out), "--force", "--latency-runs", "0",
+                                    "--selections", "zero", "--pad-to", "4"], capsys)
+    assert code == 0, stderr
+    assert "re-formed for --target generic" in stderr and "multiples of 4" in stderr
+    np.testing.assert_allclose(_ort_run(out, x), _torch_run(slim_model, x), atol=1e-5, rtol=1e-5)
+    assert not any(n.op_type == "Gather" for n in onnx.load(str(out)).graph.node)
+    code, _, stderr = run_cli(["export", str(ckpt), str(out), "--force", "--selections", "copy"], capsys)
+    assert code == 2 and "--selections" in stderr
+    code, _, stderr = run_cli(["export", str(ckpt), str(out), "--force", "--pad-to", "0"], capsys)
+    assert code == 2 and "--pad-to" in stderr
 
 
 def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,101 @@
+"""Re-forming a slim model (slim export --target): unprune == masked dense, every form == the slim model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _prune_toys import TOYS, PreActResNet, randomize
+from torch import nn
+
+from slimcli.errors import PruneError
+from slimcli.prune import ChannelSelection, compute_keep, masked_dense, prune_model
+from slimcli.prune.reform import form_summary, reform, unprune
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TOY_NAMES = list(TOYS)
+
+
+def slim_of(name: str, ratio: float = 0.5, **kw):
+    ctor, shape = TOYS[name]
+    dense = randomize(ctor(), 0).eval()
+    plan = compute_keep(dense, "ratio", ratio, input_shape=shape)
+    slim, _ = prune_model(dense, plan, input_shape=shape, **kw)
+    return dense, plan, slim.eval(), shape
+
+
+def _x(shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.randn(4, *shape, generator=torch.Generator().manual_seed(7))
+
+
+@pytest.mark.parametrize("name", TOY_NAMES)
+def test_unprune_is_the_masked_dense_model(name: str) -> None:
+    dense, plan, slim, shape = slim_of(name)
+    masked = unprune(slim, TOYS[name][0](), input_shape=shape)
+    with torch.no_grad():
+        want = masked_dense(dense, plan)(_x(shape))
+        torch.testing.assert_close(masked(_x(shape)), want, rtol=1e-5, atol=1e-5)
+    # the removed channels are zeros, the kept ones the slim model's own values
+    for bn_name, mask in plan.masks.items():
+        bn = masked.get_submodule(bn_name)
+        assert torch.all(bn.weight[~mask] == 0) and torch.all(bn.bias[~mask] == 0)
+        assert torch.equal(bn.weight[mask], dense.get_submodule(bn_name).weight[mask])
+
+
+@pytest.mark.parametrize("name", TOY_NAMES)
+@pytest.mark.parametrize("selections", ["gather", "zero", "auto"])
+@pytest.mark.parametrize("pad", [1, 4])
+def test_every_form_computes_the_slim_model(name: str, selections: str, pad: int) -> None:
+    _, _, slim, shape = slim_of(name)
+    new, report = reform(slim, TOYS[name][0](), selections=selections, pad_to=pad, input_shape=shape)
+    with torch.no_grad():
+        torch.testing.assert_close(new(_x(shape)), slim(_x(shape)), rtol=1e-5, atol=1e-5)
+    dense_bns = {n: m.num_features for n, m in TOYS[name][0]().named_modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    for bn_name, width in report.widths.items():
+        assert width % pad == 0 or width == dense_bns[bn_name], (bn_name, width)
+        assert width >= slim.slim_widths.get(bn_name, 0)  # padding only ever keeps more
+    if selections == "zero":
+        assert not any(isinstance(m, ChannelSelection) for m in new.modules())
+    assert new.slim_form == {"selections": selections, "pad_to": pad}
+    assert set(form_summary(report)["forms"]) <= {"narrow", "selection", "zero"}
+
+
+def test_a_fold_shift_or_zero_form_model_re_forms_exactly() -> None:
+    for kw in ({"fold_shift": True}, {"selections": "zero"}):
+        _, _, slim, shape = slim_of("preact", 0.6, **kw)
+        new, _ = reform(slim, PreActResNet(), selections="gather", pad_to=2, input_shape=shape)
+        with torch.no_grad():
+            torch.testing.assert_close(new(_x(shape)), slim(_x(shape)), rtol=1e-5, atol=1e-5)
+
+
+def test_zero_channels_become_gathers_again() -> None:
+    """A zero-form slim model re-formed as gathers: the zeroed channels are dropped, not kept."""
+    _, plan, slim, shape = slim_of("preact", 0.5, selections="zero")
+    new, report = reform(slim, PreActResNet(), selections="gather", pad_to=1, input_shape=shape)
+    assert report.widths == plan.widths
+    assert any(isinstance(m, ChannelSelection) for m in new.modules())
+
+
+def test_a_model_that_is_not_the_slim_model_of_the_arch_is_refused() -> None:
+    dense, _, slim, shape = slim_of("preact")
+    with pytest.raises(PruneError, match="slim_keep"):
+        unprune(dense, PreActResNet(), input_shape=shape)
+    with pytest.raises(PruneError, match="pad_to"):
+        reform(slim, PreActResNet(), pad_to=0, input_shape=shape)
+    with pytest.raises(PruneError, match="selections"):
+        reform(slim, PreActResNet(), selections="copy", input_shape=shape)
+
+
+def test_a_zeroed_channel_that_came_back_fails_the_check() -> None:
+    """Re-forming must never change the function: a zero-form channel whose γ is no longer 0 (it was
+    trained after pruning) is kept, and the check catches anything else."""
+    _, _, slim, shape = slim_of("preact", 0.5, selections="zero")
+    zeroed = [m for m in slim.modules() if isinstance(m, nn.BatchNorm2d) and (m.weight == 0).any()]
+    assert zeroed
+    with torch.no_grad():
+        for m in zeroed:
+            m.weight[m.weight == 0] = 0.5
+    new, _ = reform(slim, PreActResNet(), selections="gather", pad_to=1, input_shape=shape)
+    with torch.no_grad():
+        torch.testing.assert_close(new(_x(shape)), slim(_x(shape)), rtol=1e-5, atol=1e-5)
