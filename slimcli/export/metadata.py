@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -263,6 +264,10 @@ def export_checkpoint(
 
 #: the kept-count paddings tried when --pad-to is not given (the fastest measured wins)
 PAD_CANDIDATES = (1, 8, 16)
+#: the realisations of the selections tried per target when --selections is not given; generic and
+#: ncnn promise a file without Gather, so they try none other than zero
+SELECTION_CANDIDATES = {"generic": ("zero",), "ncnn": ("zero",), "ort": ("auto", "zero", "gather"),
+                        "openvino": ("zero", "auto", "gather")}
 
 
 def reformed(
@@ -272,8 +277,9 @@ def reformed(
     """A slim ``model`` in ``target``'s form (:data:`~slimcli.export.forms.TARGET_FORMS`): (model,
     ``slim.form`` record, note); a dense model, or one that cannot be re-formed, comes back as is.
 
-    Without ``pad_to`` the paddings of :data:`PAD_CANDIDATES` are timed in the target's runtime
-    (:func:`~slimcli.export.choose.fastest`; ncnn, which is not timed here, takes its default)."""
+    What ``selections`` / ``pad_to`` leave open (:data:`SELECTION_CANDIDATES` ×
+    :data:`PAD_CANDIDATES`) is timed in the target's runtime (:func:`~slimcli.export.choose.fastest`);
+    ncnn, which is not timed here, takes its default padding."""
     sel, pad = target_form(target, selections, pad_to)
     if not getattr(model, "slim_keep", None):
         return model, None, None
@@ -282,32 +288,38 @@ def reformed(
     if runtime_version(runtime) is None:
         runtime = "ort"
     pads = (pad,) if pad_to is not None or target == "ncnn" else PAD_CANDIDATES
+    sels = (sel,) if selections is not None else SELECTION_CANDIDATES[target]
     forms: dict[str, tuple[nn.Module, Any]] = {}
     seen = set()
     try:
         dense = dense_model(meta)
-        for p in pads:
-            new, report = reform(model, dense, selections=sel, pad_to=p, input_shape=shape)
-            key = repr(sorted(report.widths.items())) + repr([la.form for la in report.layers])
-            if key not in seen:
-                seen.add(key)
-                forms[f"pad {p}"] = (new, report)
+        for s_ in sels:
+            for p in pads:
+                new, report = reform(model, dense, selections=s_, pad_to=p, input_shape=shape)
+                key = repr(sorted(report.widths.items())) + repr([la.form for la in report.layers])
+                if key not in seen:
+                    seen.add(key)
+                    forms[f"{s_}/{p}"] = (new, report)
     except (PruneError, CheckpointError) as exc:
         return model, None, f"exported as pruned (not re-formed for --target {target}): {exc}"
-    chosen, times = fastest({k: v[0] for k, v in forms.items()}, shape, runtime=runtime)
+    # batch 1 and a batch that fills the cores; 32 where an image is small (CIFAR-size and below)
+    big = 32 if math.prod(shape) <= 3 * 64 * 64 else 8
+    chosen, times = fastest({k: v[0] for k, v in forms.items()}, shape, runtime=runtime, batches=(1, big))
     new, report = forms[chosen]
-    pad = int(chosen.split()[1])
+    sel, _, p = chosen.partition("/")
+    pad = int(p)
     before, after = measure(model, shape), measure(new, shape)
     summary = form_summary(report)
     form = {"selections": sel, "pad_to": pad, "forms": summary["forms"], "layers": summary["layers"],
             "as_pruned": {"params": before.params, "macs": before.macs}}
-    counts = ", ".join(f"{v} {k}" for k, v in sorted(summary["forms"].items()))
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(summary["forms"].items()) if k != "narrow")
+    counts = f"selections {sel} ({counts})" if counts else "no channel selections"
     timed = ""
     if times:
         form["timed"] = {"runtime": runtime, "ms": times}
         timed = (f"; fastest in {runtime} of " + ", ".join(
             f"{k} ({' / '.join(f'b{b} {ms:.2f} ms' for b, ms in t.items())})" for k, t in times.items()))
-    note = (f"re-formed for --target {target} (exact, checked): selections {sel} ({counts}), kept counts "
+    note = (f"re-formed for --target {target} (exact, checked): {counts}, kept counts "
             f"padded to multiples of {pad}{timed}; params {before.params:,} → {after.params:,}, MACs "
             f"{before.macs:,} → {after.macs:,} (--as-pruned exports the checkpoint's own structure)")
     return new, form, note
