@@ -478,7 +478,7 @@ def test_export_re_forms_a_slim_model_for_its_target(tmp_path: Path, target: str
     form = json.loads(report.metadata["slim.form"])
     assert form["pad_to"] == pad
     if target == "ort":  # --selections not given: auto, zero and gather were timed, the fastest taken
-        assert set(form["timed"]["ms"]) <= {f"{s}/{pad}" for s in ("auto", "zero", "gather")}
+        assert set(form["timed"]["ms"]) <= {f"{s}/{pad}" for s in ("auto", "zero", "gather")} | {"dense"}
         selections = form["selections"]
     assert form["selections"] == selections
     assert form["as_pruned"]["params"] == sum(p.numel() for p in slim_model.parameters())
@@ -504,15 +504,18 @@ def test_export_times_the_paddings_when_none_is_given(tmp_path: Path,
 
     ckpt_path = tmp_path / "pruned.safetensors"
     _pruned_checkpoint(ckpt_path)
-    fake = {"zero/1": 10.0, "zero/8": 9.9, "zero/16": 5.0}  # pad 8 is within the margin of pad 1
+    fake = {"zero/1": 10.0, "zero/8": 9.9, "zero/16": 5.0, "dense": 8.0}  # pad 8: within the margin
     monkeypatch.setattr(choose, "time_forms",
                         lambda models, *a, **k: {n: {1: fake[n], 32: fake[n]} for n in models})
     report = export_checkpoint(load_checkpoint(ckpt_path), tmp_path / "m.onnx", latency_runs=0)
     form = json.loads(report.metadata["slim.form"])
     assert form["pad_to"] == 16 and set(form["timed"]["ms"]) == set(fake)
+    assert form["timed"]["vs_dense"] == {"1": 5.0 / 8.0, "32": 5.0 / 8.0}  # timed with the dense model
+    assert "0.62× the dense time at batch 1" in report.notes[0]
     fake.update({"zero/16": 9.8})
     report = export_checkpoint(load_checkpoint(ckpt_path), tmp_path / "m2.onnx", latency_runs=0)
     assert json.loads(report.metadata["slim.form"])["pad_to"] == 1
+    assert "no faster than dense there" in report.notes[0]  # 10 ms vs the dense 8 ms: said, not hidden
 
 
 def test_a_slim_checkpoint_without_its_kept_channels_exports_as_pruned(tmp_path: Path) -> None:

@@ -51,11 +51,19 @@ def time_forms(
 def fastest(
     models: Mapping[str, nn.Module], input_shape: tuple[int, int, int], *, runtime: str = "ort",
     batches: Sequence[int] = (1, 8), runs: int = 7, threads: int | None = None,
+    baseline: nn.Module | None = None,
 ) -> tuple[str, dict[str, dict[int, float]]]:
-    """The name of the fastest of ``models`` (see the module docstring) and every timing."""
-    if len(models) == 1:
+    """The name of the fastest of ``models`` (see the module docstring) and every timing.
+
+    ``baseline`` (the dense model) is timed in the same interleaved runs, as ``"dense"``, but never
+    chosen: its times say how much faster the chosen form is."""
+    if len(models) == 1 and baseline is None:
         return next(iter(models)), {}
-    times = time_forms(models, input_shape, runtime=runtime, batches=batches, runs=runs, threads=threads)
+    timed = {**models, "dense": baseline} if baseline is not None else dict(models)
+    times = time_forms(timed, input_shape, runtime=runtime, batches=batches, runs=runs, threads=threads)
+    base = times.pop("dense", None)
+    if len(models) == 1:
+        return next(iter(models)), {**times, "dense": base} if base else times
     best = {b: min(t[b] for t in times.values()) for b in batches}
     score = {k: math.exp(sum(math.log(t[b] / best[b]) for b in batches) / len(batches))
              for k, t in times.items()}
@@ -65,7 +73,7 @@ def fastest(
         if choice is None or score[k] < score[choice] * (1 - MARGIN):
             choice = k
     assert choice is not None
-    return choice, times
+    return choice, ({**times, "dense": base} if base else times)
 
 
 __all__ = ["MARGIN", "fastest", "time_forms"]

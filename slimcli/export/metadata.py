@@ -304,7 +304,8 @@ def reformed(
         return model, None, f"exported as pruned (not re-formed for --target {target}): {exc}"
     # batch 1 and a batch that fills the cores; 32 where an image is small (CIFAR-size and below)
     big = 32 if math.prod(shape) <= 3 * 64 * 64 else 8
-    chosen, times = fastest({k: v[0] for k, v in forms.items()}, shape, runtime=runtime, batches=(1, big))
+    chosen, times = fastest({k: v[0] for k, v in forms.items()}, shape, runtime=runtime, batches=(1, big),
+                            baseline=None if target == "ncnn" else dense.eval())
     new, report = forms[chosen]
     sel, _, p = chosen.partition("/")
     pad = int(p)
@@ -317,8 +318,16 @@ def reformed(
     timed = ""
     if times:
         form["timed"] = {"runtime": runtime, "ms": times}
-        timed = (f"; fastest in {runtime} of " + ", ".join(
-            f"{k} ({' / '.join(f'b{b} {ms:.2f} ms' for b, ms in t.items())})" for k, t in times.items()))
+        timed = f"; fastest in {runtime} of " + ", ".join(
+            f"{k} ({' / '.join(f'b{b} {ms:.2f} ms' for b, ms in t.items())})"
+            for k, t in times.items() if k != "dense")
+        dense_ms = times.get("dense")
+        if dense_ms:
+            ratio = {b: times[chosen][b] / ms for b, ms in dense_ms.items()}
+            form["timed"]["vs_dense"] = ratio
+            timed += "; " + ", ".join(f"{r:.2f}× the dense time at batch {b}" for b, r in ratio.items())
+            if any(r > 1 for r in ratio.values()):
+                timed += " (no faster than dense there: prune more, or try --round-to 8)"
     note = (f"re-formed for --target {target} (exact, checked): {counts}, kept counts "
             f"padded to multiples of {pad}{timed}; params {before.params:,} → {after.params:,}, MACs "
             f"{before.macs:,} → {after.macs:,} (--as-pruned exports the checkpoint's own structure)")
