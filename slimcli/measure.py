@@ -152,19 +152,27 @@ def onnx_latency_ms(
 
 
 def interleaved_medians(
-    fns: Mapping[str, Callable[[], object]], runs: int = 20, warmup: int = 3
+    fns: Mapping[str, Callable[[], object]], runs: int = 20, warmup: int = 3, *,
+    budget_s: float = 0.0, max_runs: int = 200,
 ) -> dict[str, float]:
     """Median wall time in ms of each of ``fns``, timed interleaved: run 1 of every function, then
     run 2 of every function, and so on (after ``warmup`` untimed rounds).
 
     On a shared machine the load changes from second to second; interleaving gives every
     function the same conditions, so the *ratios* of the medians are what to compare.
+    ``budget_s`` > 0 raises the number of rounds to fill about that many seconds (from the last
+    warm-up round's time), never above ``max_runs``: cheap models get more runs, less noise.
     """
     if runs < 1:
         raise UsageError(f"runs must be >= 1, got {runs}")
+    round_s = 0.0
     for _ in range(max(0, warmup)):
+        t0 = time.perf_counter()
         for fn in fns.values():
             fn()
+        round_s = time.perf_counter() - t0
+    if budget_s > 0 and round_s > 0:
+        runs = max(runs, min(max_runs, int(budget_s / round_s)))
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(runs):
         for name, fn in fns.items():

@@ -60,3 +60,11 @@ def noprox_penalty() -> Iterator[str]:
         yield "test-noprox"
     finally:
         PENALTIES.unregister("test-noprox")
+
+
+@pytest.fixture(autouse=True)
+def _short_form_timing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """slim export times its candidate forms for seconds; tests time them for the minimum rounds."""
+    from slimcli.export import choose
+
+    monkeypatch.setattr(choose, "BUDGET_S", 0.0)

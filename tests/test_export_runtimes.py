@@ -38,6 +38,15 @@ def test_parse_runtimes() -> None:
         rt.parse_runtimes("ort,tflite")
 
 
+def test_interleaved_medians_fills_a_time_budget_up_to_max_runs() -> None:
+    calls = {"a": 0, "b": 0}
+    fns = {k: (lambda k=k: calls.__setitem__(k, calls[k] + 1)) for k in calls}
+    interleaved_medians(fns, runs=3, warmup=1)
+    assert calls == {"a": 4, "b": 4}  # no budget: exactly the runs asked for
+    interleaved_medians(fns, runs=3, warmup=1, budget_s=60.0, max_runs=40)
+    assert calls == {"a": 4 + 41, "b": 4 + 41}  # cheap functions: the cap, not a minute
+
+
 def test_interleaved_medians_times_each_function() -> None:
     calls: list[str] = []
     fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}

@@ -25,6 +25,8 @@ from slimcli.measure import interleaved_medians, measure
 
 #: a form with more MACs must be this much faster (geometric mean over the batches) to be chosen
 MARGIN = 0.03
+#: seconds of interleaved timing per batch size (at least ``runs`` rounds): more runs where cheap
+BUDGET_S = 3.0
 
 
 def time_forms(
@@ -43,7 +45,7 @@ def time_forms(
                 loaded = loaded_runtimes(blob, [runtime], input_shape, threads=threads)
                 run = stack.enter_context(loaded)[runtime]
                 fns[k] = lambda run=run, x=x: run(x)
-            for k, ms in interleaved_medians(fns, runs, 2).items():
+            for k, ms in interleaved_medians(fns, runs, 2, budget_s=BUDGET_S).items():
                 times[k][b] = ms
     return times
 
@@ -76,4 +78,4 @@ def fastest(
     return choice, ({**times, "dense": base} if base else times)
 
 
-__all__ = ["MARGIN", "fastest", "time_forms"]
+__all__ = ["BUDGET_S", "MARGIN", "fastest", "time_forms"]
