@@ -23,6 +23,7 @@ from slimcli.errors import ExportError, SlimError, UsageError
 from slimcli.export import checkpoint_metadata_for_onnx, export_checkpoint, export_onnx, latest_accuracy
 from slimcli.export import onnx as ex_onnx
 from slimcli.export import verify as ex_verify
+from slimcli.prune import ChannelSelection
 from slimcli.prune.surgery import encode_keep
 
 SHAPE = (3, 8, 8)
@@ -466,7 +467,7 @@ def test_export_checkpoint_has_slim_shapes_and_metadata(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("target", "selections", "pad"), [("generic", "zero", 4), ("ort", "auto", 2),
-                                                          ("generic", "gather", 1)])
+                                                          ("generic", "gather", 1), ("generic", "conv", 2)])
 def test_export_re_forms_a_slim_model_for_its_target(tmp_path: Path, target: str, selections: str,
                                                      pad: int) -> None:
     """The file computes the checkpoint's model; widths padded, selections as the target wants."""
@@ -488,7 +489,11 @@ def test_export_re_forms_a_slim_model_for_its_target(tmp_path: Path, target: str
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     proto = onnx.load(str(tmp_path / "m.onnx"))
     gathers = sum(n.op_type == "Gather" for n in proto.graph.node)
-    assert (gathers == 0) == (selections == "zero") or selections == "auto"
+    assert (gathers == 0) == (selections in ("zero", "conv")) or selections == "auto"
+    if selections == "conv":  # the selections became one-hot 1×1 convs
+        as_pruned = sum(isinstance(m, ChannelSelection) for m in slim_model.modules())
+        convs = len(_conv_weight_shapes(tmp_path / "m.onnx"))
+        assert as_pruned and convs == as_pruned + sum(isinstance(m, nn.Conv2d) for m in slim_model.modules())
     from slimcli.archs import create_arch
 
     dense = {c for m in create_arch(META["arch"], 10, SHAPE).modules() if isinstance(m, nn.Conv2d)

@@ -99,3 +99,16 @@ def test_a_zeroed_channel_that_came_back_fails_the_check() -> None:
     new, _ = reform(slim, PreActResNet(), selections="gather", pad_to=1, input_shape=shape)
     with torch.no_grad():
         torch.testing.assert_close(new(_x(shape)), slim(_x(shape)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["preact", "dense", "input_bn"])
+def test_selections_as_one_hot_convs_compute_the_same(name: str) -> None:
+    from slimcli.export.forms import selections_as_convs
+
+    _, _, slim, shape = slim_of(name)
+    want = slim(_x(shape))
+    n = sum(isinstance(m, ChannelSelection) for m in slim.modules())
+    convs, replaced = selections_as_convs(slim, shape)
+    assert n and replaced == n and not any(isinstance(m, ChannelSelection) for m in convs.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(convs(_x(shape)), want, rtol=1e-6, atol=1e-6)

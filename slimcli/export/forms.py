@@ -37,6 +37,11 @@ TARGET_FORMS: dict[str, tuple[str, int]] = {
 }
 
 
+#: how an exported file realises the selections: those of the pruning, and ``conv`` (the gathers of
+#: ``gather``, each exported as a 1×1 conv with one-hot weights: :func:`selections_as_convs`)
+EXPORT_SELECTIONS = ("auto", "gather", "zero", "conv")
+
+
 def check_target(target: str) -> str:
     if target not in TARGETS:
         raise UsageError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
@@ -46,8 +51,8 @@ def check_target(target: str) -> str:
 def target_form(target: str, selections: str | None = None, pad_to: int | None = None) -> tuple[str, int]:
     """(selections, pad_to) for ``target``, each overridable (``--selections``, ``--pad-to``)."""
     default_sel, default_pad = TARGET_FORMS[check_target(target)]
-    if selections is not None and selections not in ("auto", "gather", "zero"):
-        raise UsageError(f"selections must be one of auto, gather, zero, got {selections!r}")
+    if selections is not None and selections not in EXPORT_SELECTIONS:
+        raise UsageError(f"selections must be one of {', '.join(EXPORT_SELECTIONS)}, got {selections!r}")
     if pad_to is not None and (isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < 1):
         raise UsageError(f"pad_to must be an integer >= 1, got {pad_to!r}")
     return selections or default_sel, pad_to or default_pad
@@ -133,6 +138,46 @@ def remove_identity_selections(model: nn.Module, input_shape: tuple[int, int, in
     return model, removed
 
 
+def _selection_inputs(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, torch.Size]:
+    """The input shape of every ChannelSelection of ``model``, from one forward pass."""
+    seen: dict[str, torch.Size] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, args, name=name: seen.__setitem__(name, args[0].shape))
+        for name, m in model.named_modules()
+        if isinstance(m, ChannelSelection)
+    ]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape))
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def selections_as_convs(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[nn.Module, int]:
+    """Replace every channel selection of an image tensor by a 1×1 conv with one-hot weights (the
+    same numbers: each output channel is 1 × one input channel); return the count. OpenVINO runs an
+    ONNX ``Gather`` on a reference kernel between two layout conversions, a 1×1 conv on its fast
+    blocked kernels (and folds the BatchNorm after it). ``model`` is changed in place."""
+    replaced = 0
+    for name, shape in _selection_inputs(model, input_shape).items():
+        mod = model.get_submodule(name)
+        if len(shape) != 4:
+            continue
+        idx = mod.indices.reshape(-1).cpu()
+        conv = nn.Conv2d(int(shape[1]), idx.numel(), 1, bias=False)
+        with torch.no_grad():
+            conv.weight.zero_()
+            conv.weight[torch.arange(idx.numel()), idx, 0, 0] = 1.0
+        conv.requires_grad_(False)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, conv.to(mod.indices.device))
+        replaced += 1
+    return model, replaced
+
+
 __all__ = [
-    "TARGETS", "TARGET_FORMS", "TARGET_RUNTIME", "check_target", "remove_identity_selections", "target_form",
+    "TARGETS", "TARGET_FORMS", "TARGET_RUNTIME", "check_target", "remove_identity_selections",
+    "selections_as_convs", "target_form",
 ]

@@ -22,7 +22,7 @@ from slimcli.checkpoint import STAGES, Checkpoint
 from slimcli.data import create_dataset, no_downloads
 from slimcli.errors import CheckpointError, DataError, ExportError, PruneError, SlimError, UsageError
 from slimcli.export.choose import fastest
-from slimcli.export.forms import target_form
+from slimcli.export.forms import selections_as_convs, target_form
 from slimcli.export.int8 import QUANTIZATION, Int8Report, compare_int8, int8_path, quantize_int8, set_metadata
 from slimcli.export.onnx import ExportReport, export_onnx
 from slimcli.export.runtimes import runtime_version
@@ -267,7 +267,7 @@ PAD_CANDIDATES = (1, 8, 16)
 #: the realisations of the selections tried per target when --selections is not given; generic and
 #: ncnn promise a file without Gather, so they try none other than zero
 SELECTION_CANDIDATES = {"generic": ("zero",), "ncnn": ("zero",), "ort": ("auto", "zero", "gather"),
-                        "openvino": ("zero", "auto", "gather")}
+                        "openvino": ("zero", "auto", "gather", "conv")}
 
 
 def reformed(
@@ -295,8 +295,12 @@ def reformed(
         dense = dense_model(meta)
         for s_ in sels:
             for p in pads:
-                new, report = reform(model, dense, selections=s_, pad_to=p, input_shape=shape)
-                key = repr(sorted(report.widths.items())) + repr([la.form for la in report.layers])
+                new, report = reform(model, dense, selections="gather" if s_ == "conv" else s_, pad_to=p,
+                                     input_shape=shape)
+                if s_ == "conv" and not selections_as_convs(new, shape)[1]:
+                    continue  # no selection of an image tensor: the same file as gather
+                key = repr(sorted(report.widths.items())) + repr([la.form for la in report.layers]) + s_ * (
+                    s_ == "conv")
                 if key not in seen:
                     seen.add(key)
                     forms[f"{s_}/{p}"] = (new, report)
