@@ -267,7 +267,7 @@ PAD_CANDIDATES = (1, 8, 16)
 #: the realisations of the selections tried per target when --selections is not given; generic and
 #: ncnn promise a file without Gather, so they try none other than zero
 SELECTION_CANDIDATES = {"generic": ("zero",), "ncnn": ("zero",), "ort": ("auto", "zero", "gather"),
-                        "openvino": ("zero", "auto", "gather", "conv")}
+                        "openvino": ("zero", "conv", "auto", "gather")}
 
 
 def reformed(
@@ -293,7 +293,7 @@ def reformed(
     seen = set()
     try:
         dense = dense_model(meta)
-        for s_ in sels:
+        for s_ in sels:  # in order of preference: the target's default first, fewer MACs first
             for p in pads:
                 new, report = reform(model, dense, selections="gather" if s_ == "conv" else s_, pad_to=p,
                                      input_shape=shape)
