@@ -21,7 +21,6 @@ cores). Results and commands are in docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import sys
@@ -29,13 +28,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from slimcli.archs import create_arch
 from slimcli.export import export_onnx
-from slimcli.export.runtimes import check_runtimes, loaded_runtimes, parse_runtimes, runtime_version
-from slimcli.measure import interleaved_medians, measure
+from slimcli.export.runtimes import check_runtimes, interleaved_latency, parse_runtimes, runtime_version
+from slimcli.measure import measure
 from slimcli.prune import compute_keep, prune_model
 from slimcli.prune.reform import reform
 
@@ -65,6 +63,18 @@ def gathers(path: Path) -> int:
     return sum(n.op_type == "Gather" for n in onnx.load(str(path)).graph.node)
 
 
+def setup(args: argparse.Namespace, title: str) -> tuple[list[str], list[float], list[int], dict[str, Any]]:
+    """Threads and seed set, the header printed: (runtimes, ratios, batches, runtime versions)."""
+    runtimes = list(parse_runtimes(args.runtimes))
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    versions = {r: runtime_version(r) for r in runtimes}
+    print(f"# {title}: {platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
+          + ", ".join(f"{r} {v}" for r, v in versions.items()), file=sys.stderr)
+    return (runtimes, [float(r) for r in args.ratios.split(",")], [int(b) for b in args.batches.split(",")],
+            versions)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--archs", default="vgg19,resnet164,densenet40")
@@ -85,14 +95,7 @@ def main() -> None:
     args = ap.parse_args()
     runs_b1 = args.runs_b1 or (20 if args.quick else 100)
     runs_big = args.runs_b32 or (5 if args.quick else 20)
-    runtimes = parse_runtimes(args.runtimes)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    ratios = [float(r) for r in args.ratios.split(",")]
-    batches = [int(b) for b in args.batches.split(",")]
-    versions = {r: runtime_version(r) for r in runtimes}
-    print(f"# edge latency: {platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
-          + ", ".join(f"{r} {v}" for r, v in versions.items()), file=sys.stderr)
+    runtimes, ratios, batches, versions = setup(args, "edge latency")
 
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="slim-edge-") as tmp:
@@ -133,15 +136,9 @@ def main() -> None:
                     parity[key, c.runtime] = c.rel_diff
             for rt in runtimes:
                 for b in batches:
-                    x = np.random.default_rng(args.seed).standard_normal((b, *SHAPE), dtype=np.float32)
-                    with contextlib.ExitStack() as stack:
-                        fns = {}
-                        for key in models:
-                            loaded = loaded_runtimes(blobs[key], [rt], SHAPE, threads=args.threads)
-                            run = stack.enter_context(loaded)[rt]
-                            fns[key] = lambda run=run, x=x: run(x)
-                        runs, warm = (runs_b1, 5) if b == 1 else (runs_big, 2)
-                        med = interleaved_medians(fns, runs, warm)
+                    runs, warm = (runs_b1, 5) if b == 1 else (runs_big, 2)
+                    med = interleaved_latency(blobs, SHAPE, rt, batch=b, runs=runs, warmup=warm,
+                                              threads=args.threads, seed=args.seed)
                     for key in models:
                         if key == "dense":
                             continue

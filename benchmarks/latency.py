@@ -17,23 +17,20 @@ efficiency (1 − latency ratio) / (1 − MAC ratio) against each. Results: docs
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import platform
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from edge_latency import SHAPE, gathers, random_gamma
+from edge_latency import SHAPE, gathers, random_gamma, setup
 
 from slimcli.archs import create_arch
 from slimcli.export import export_onnx
 from slimcli.export.metadata import reformed
-from slimcli.export.runtimes import check_runtimes, loaded_runtimes, parse_runtimes, runtime_version
-from slimcli.measure import interleaved_medians, measure
+from slimcli.export.runtimes import check_runtimes, interleaved_latency
+from slimcli.measure import measure
 from slimcli.prune import compute_keep, prune_model
 
 
@@ -54,14 +51,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     runs_b1, runs_big = (20, 5) if args.quick else (100, 20)
-    runtimes = parse_runtimes(args.runtimes)
-    torch.set_num_threads(args.threads)
-    ratios = [float(r) for r in args.ratios.split(",")]
+    runtimes, ratios, batches, versions = setup(args, "latency")
     rounds = [int(r) for r in args.round_to.split(",")]
-    batches = [int(b) for b in args.batches.split(",")]
-    versions = {r: runtime_version(r) for r in runtimes}
-    print(f"# latency: {platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
-          + ", ".join(f"{r} {v}" for r, v in versions.items()), file=sys.stderr)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="slim-latency-") as tmp:
         for arch in args.archs.split(","):
@@ -92,15 +83,9 @@ def main() -> None:
                                              threads=args.threads, raise_on_mismatch=False)
                     info[key]["rel_diff"] = max(c.rel_diff for c in checked)
                 for b in batches:
-                    x = np.random.default_rng(args.seed).standard_normal((b, *SHAPE), dtype=np.float32)
-                    with contextlib.ExitStack() as stack:
-                        fns = {}
-                        for key in models:
-                            run = stack.enter_context(loaded_runtimes(blobs[key], [rt], SHAPE,
-                                                                      threads=args.threads))[rt]
-                            fns[key] = lambda run=run, x=x: run(x)
-                        runs, warm = (runs_b1, 5) if b == 1 else (runs_big, 2)
-                        med = interleaved_medians(fns, runs, warm)
+                    runs, warm = (runs_b1, 5) if b == 1 else (runs_big, 2)
+                    med = interleaved_latency(blobs, SHAPE, rt, batch=b, runs=runs, warmup=warm,
+                                              threads=args.threads, seed=args.seed)
                     for key, i in info.items():
                         if key == "dense":
                             continue

@@ -504,19 +504,26 @@ def test_export_re_forms_a_slim_model_for_its_target(tmp_path: Path, target: str
 
 @pytest.mark.parametrize("target", ["ncnn", "openvino"])
 def test_a_pruned_resnet_exported_for_its_target_computes_right_there(tmp_path: Path, target: str) -> None:
-    """The gathers of a pruned pre-activation ResNet are mistranslated by ncnn; re-formed, it is exact."""
+    """The gathers of a pruned pre-activation ResNet are mistranslated by ncnn; re-formed, it is exact.
+
+    Run as `slim export` in a child process: ncnn and OpenVINO loaded into the test process crashed a
+    later test at teardown (a native allocator destroyed out of order)."""
+    import subprocess
+
     from slimcli.export.runtimes import runtime_version
 
     if runtime_version(target) is None:
         pytest.skip(f"{target} is not installed")
     ckpt_path = tmp_path / "pruned.safetensors"
     _pruned_checkpoint(ckpt_path)
-    report = export_checkpoint(load_checkpoint(ckpt_path), tmp_path / "m.onnx", latency_runs=0, target=target,
-                               pad_to=4)
-    (check,) = report.runtimes
-    assert check.runtime == target and check.rel_diff <= 1e-4
+    out = tmp_path / "m.onnx"
+    cmd = [sys.executable, "-m", "slimcli", "export", str(ckpt_path), str(out), "--target", target,
+           "--pad-to", "4", "--latency-runs", "0"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr  # the export checks the file in the target runtime
+    assert target in done.stdout  # the runtime's parity row
     if target == "ncnn":
-        assert not any(n.op_type == "Gather" for n in onnx.load(str(tmp_path / "m.onnx")).graph.node)
+        assert not any(n.op_type == "Gather" for n in onnx.load(str(out)).graph.node)
 
 
 def test_export_times_the_paddings_when_none_is_given(tmp_path: Path,

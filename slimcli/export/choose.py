@@ -1,9 +1,9 @@
 """Pick the fastest of several exact forms of one model by timing them in the target runtime.
 
 Whether padding kept channel counts to 8 or 16 pays depends on the network and the runtime: it
-lets blocked conv kernels run (a pruned ResNet-164 at batch 32 on onnxruntime: 0.90× the dense
-time unpadded-to-8, 0.77× padded to 16) but adds work where the kernels never block (a narrow
-network whose layers pad back to full width). A measurement settles it: the forms are exported
+lets blocked conv kernels run but adds work where the kernels never block (a narrow network whose
+layers pad back to full width); whether a Gather beats zeroed channels depends on the runtime too
+(docs/benchmarks.md, ``benchmarks/latency.py``). A measurement settles it: the forms are exported
 (unverified, only to be timed), run **interleaved** on the same input at a few batch sizes, and the
 one with the smallest geometric mean of time relative to the best per batch wins, but a form is only
 preferred over one earlier in the caller's order (the target's safe default first, fewer MACs
@@ -13,17 +13,14 @@ form slower than it at some batch gives way to the form with the best worst-case
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from slimcli.export.onnx import _build
-from slimcli.export.runtimes import loaded_runtimes
-from slimcli.measure import interleaved_medians
+from slimcli.export.runtimes import interleaved_latency
 
 #: a form later in the caller's order of preference must be this much faster (geometric mean over
 #: the batches) to be chosen: single timings on a shared CPU move by ±10 %
@@ -41,15 +38,10 @@ def time_forms(
     blobs = {k: _build("torchscript", m.eval(), example, None, {}, "")[1] for k, m in models.items()}
     times: dict[str, dict[int, float]] = {k: {} for k in models}
     for b in batches:
-        x = np.random.default_rng(seed).standard_normal((b, *input_shape), dtype=np.float32)
-        with contextlib.ExitStack() as stack:
-            fns = {}
-            for k, blob in blobs.items():
-                loaded = loaded_runtimes(blob, [runtime], input_shape, threads=threads)
-                run = stack.enter_context(loaded)[runtime]
-                fns[k] = lambda run=run, x=x: run(x)
-            for k, ms in interleaved_medians(fns, runs, 2, budget_s=BUDGET_S).items():
-                times[k][b] = ms
+        med = interleaved_latency(blobs, input_shape, runtime, batch=b, runs=runs, threads=threads,
+                                  budget_s=BUDGET_S, seed=seed)
+        for k, ms in med.items():
+            times[k][b] = ms
     return times
 
 

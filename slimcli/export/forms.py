@@ -1,15 +1,15 @@
 """The export form of a model: what is rewritten (exactly) before it goes to ONNX, per target runtime.
 
 A slim model is first re-formed for its target (:data:`TARGET_FORMS`, by
-:func:`slimcli.prune.reform.reform`): its channel selections realised as gathers or zeroed
-channels, its kept channel counts padded with zero channels to a multiple the runtime's blocked
-conv kernels need; the same function, checked. Then, for every target, a channel selection that
-keeps every channel of its input in order (indices ``0 … C−1`` of a ``C``-channel tensor) is an
-identity and is removed, so it never becomes an ONNX ``Gather``. Targets (``--target``):
-``generic`` (the default), ``ort``, ``openvino``, ``ncnn``. They are recorded in ``slim.target``;
-a target other than ``generic`` also checks the model in that runtime
-(``slimcli.export.runtimes``), so a file exported for ncnn is known to compute right in ncnn.
-See docs/export.md.
+:func:`slimcli.prune.reform.reform_all`): its channel selections realised as gathers, zeroed
+channels or one-hot convs, its kept channel counts padded with zero channels to a multiple the
+runtime's blocked conv kernels need; the same function, checked; the fastest candidate timed.
+Then, for every target, a channel selection that keeps every channel of its input in order
+(indices ``0 … C−1`` of a ``C``-channel tensor) is an identity and is removed, so it never
+becomes an ONNX ``Gather``. Targets (``--target``): ``generic`` (the default), ``ort``,
+``openvino``, ``ncnn``. They are recorded in ``slim.target``; a target other than ``generic`` also
+checks the model in that runtime (``slimcli.export.runtimes``), so a file exported for ncnn is
+known to compute right in ncnn. See docs/export.md.
 """
 
 from __future__ import annotations
@@ -25,21 +25,20 @@ TARGETS = ("generic", "ort", "openvino", "ncnn")
 TARGET_RUNTIME = {"generic": None, "ort": "ort", "openvino": "openvino", "ncnn": "ncnn"}
 
 
-#: how a slim model is re-formed per target: (selections, pad_to). From the measurements in
-#: docs/benchmarks.md (onnxruntime 1.32, OpenVINO 2026.4, AVX-512 CPU): a Gather costs OpenVINO a
-#: reference kernel and two layout conversions, and ncnn's converter mistranslates it, so those get
-#: none (``zero``); onnxruntime keeps the selections that save enough (``auto``). onnxruntime's
-#: NCHWc kernels need counts in multiples of its block (16 with AVX-512, 8 with AVX2), oneDNN and
-#: ncnn pad their blocks themselves and run best at 8. ``generic``: no Gather, multiples of 16 —
-#: right in every runtime and never narrower than a block.
-TARGET_FORMS: dict[str, tuple[str, int]] = {
-    "generic": ("zero", 16), "ort": ("auto", 16), "openvino": ("zero", 8), "ncnn": ("zero", 8),
-}
-
-
 #: how an exported file realises the selections: those of the pruning, and ``conv`` (the gathers of
 #: ``gather``, each exported as a 1×1 conv with one-hot weights: :func:`selections_as_convs`)
 EXPORT_SELECTIONS = ("auto", "gather", "zero", "conv")
+
+#: per target: the realisations of the selections and the paddings a slim model is re-formed into,
+#: in order of preference (the safe default first, fewer MACs first), and the runtime that times
+#: them (None: not timed, the first is taken). generic and ncnn promise a file without Gather
+#: (ncnn's converter mistranslates it); converting for ncnn per candidate would be too slow to time.
+TARGET_FORMS: dict[str, tuple[tuple[str, ...], tuple[int, ...], str | None]] = {
+    "generic": (("zero",), (1, 8, 16), "ort"),
+    "ort": (("auto", "zero", "gather"), (1, 8, 16), "ort"),
+    "openvino": (("zero", "conv", "auto", "gather"), (1, 8, 16), "openvino"),
+    "ncnn": (("zero",), (8,), None),
+}
 
 
 def check_target(target: str) -> str:
@@ -48,14 +47,17 @@ def check_target(target: str) -> str:
     return target
 
 
-def target_form(target: str, selections: str | None = None, pad_to: int | None = None) -> tuple[str, int]:
-    """(selections, pad_to) for ``target``, each overridable (``--selections``, ``--pad-to``)."""
-    default_sel, default_pad = TARGET_FORMS[check_target(target)]
+def target_form(
+    target: str, selections: str | None = None, pad_to: int | None = None
+) -> tuple[tuple[str, ...], tuple[int, ...], str | None]:
+    """The candidate (selections, paddings, timing runtime) of ``target``; ``selections`` and
+    ``pad_to`` (``--selections``, ``--pad-to``) fix one of them."""
+    sels, pads, runtime = TARGET_FORMS[check_target(target)]
     if selections is not None and selections not in EXPORT_SELECTIONS:
         raise UsageError(f"selections must be one of {', '.join(EXPORT_SELECTIONS)}, got {selections!r}")
     if pad_to is not None and (isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < 1):
         raise UsageError(f"pad_to must be an integer >= 1, got {pad_to!r}")
-    return selections or default_sel, pad_to or default_pad
+    return (selections,) if selections else sels, (pad_to,) if pad_to else pads, runtime
 
 
 def _is_identity(indices: torch.Tensor, channels: int) -> bool:
@@ -178,6 +180,6 @@ def selections_as_convs(model: nn.Module, input_shape: tuple[int, int, int]) -> 
 
 
 __all__ = [
-    "TARGETS", "TARGET_FORMS", "TARGET_RUNTIME", "check_target", "remove_identity_selections",
-    "selections_as_convs", "target_form",
+    "EXPORT_SELECTIONS", "TARGETS", "TARGET_FORMS", "TARGET_RUNTIME", "check_target",
+    "remove_identity_selections", "selections_as_convs", "target_form",
 ]

@@ -29,7 +29,7 @@ from slimcli.export.runtimes import runtime_version
 from slimcli.export.verify import require_onnx
 from slimcli.measure import measure
 from slimcli.model import Normalizer, build_model, calibration_images, dense_model, normalization_of
-from slimcli.prune.reform import form_summary, reform
+from slimcli.prune.reform import form_summary, reform_all
 
 #: How many test images ``slim export`` / ``prune --export`` compare on.
 REAL_SAMPLES = 16
@@ -262,54 +262,41 @@ def export_checkpoint(
     return dataclasses.replace(report, notes=tuple(notes))
 
 
-#: the kept-count paddings tried when --pad-to is not given (the fastest measured wins)
-PAD_CANDIDATES = (1, 8, 16)
-#: the realisations of the selections tried per target when --selections is not given; generic and
-#: ncnn promise a file without Gather, so they try none other than zero
-SELECTION_CANDIDATES = {"generic": ("zero",), "ncnn": ("zero",), "ort": ("auto", "zero", "gather"),
-                        "openvino": ("zero", "conv", "auto", "gather")}
-
-
 def reformed(
     model: nn.Module, meta: Mapping[str, Any], target: str, selections: str | None = None,
     pad_to: int | None = None,
 ) -> tuple[nn.Module, dict[str, Any] | None, str | None]:
-    """A slim ``model`` in ``target``'s form (:data:`~slimcli.export.forms.TARGET_FORMS`): (model,
-    ``slim.form`` record, note); a dense model, or one that cannot be re-formed, comes back as is.
+    """A slim ``model`` in ``target``'s form: (model, ``slim.form`` record, note); a dense model, or
+    one that cannot be re-formed, comes back as is.
 
-    What ``selections`` / ``pad_to`` leave open (:data:`SELECTION_CANDIDATES` ×
-    :data:`PAD_CANDIDATES`) is timed in the target's runtime (:func:`~slimcli.export.choose.fastest`);
-    ncnn, which is not timed here, takes its default padding."""
-    sel, pad = target_form(target, selections, pad_to)
+    The candidates of :data:`~slimcli.export.forms.TARGET_FORMS` that ``selections`` / ``pad_to``
+    leave open are timed in the target's runtime (:func:`~slimcli.export.choose.fastest`)."""
+    sels, pads, runtime = target_form(target, selections, pad_to)
     if not getattr(model, "slim_keep", None):
         return model, None, None
     shape = tuple(int(s) for s in meta["input_shape"])
-    runtime = {"openvino": "openvino"}.get(target, "ort")
-    if runtime_version(runtime) is None:
+    if runtime is not None and runtime_version(runtime) is None:
         runtime = "ort"
-    pads = (pad,) if pad_to is not None or target == "ncnn" else PAD_CANDIDATES
-    sels = (sel,) if selections is not None else SELECTION_CANDIDATES[target]
+    wanted = [(s_, p) for s_ in sels for p in pads]  # in order of preference
     forms: dict[str, tuple[nn.Module, Any]] = {}
     seen = set()
     try:
         dense = dense_model(meta)
-        for s_ in sels:  # in order of preference: the target's default first, fewer MACs first
-            for p in pads:
-                new, report = reform(model, dense, selections="gather" if s_ == "conv" else s_, pad_to=p,
-                                     input_shape=shape)
-                if s_ == "conv" and not selections_as_convs(new, shape)[1]:
-                    continue  # no selection of an image tensor: the same file as gather
-                key = repr(sorted(report.widths.items())) + repr([la.form for la in report.layers]) + s_ * (
-                    s_ == "conv")
-                if key not in seen:
-                    seen.add(key)
-                    forms[f"{s_}/{p}"] = (new, report)
+        made = reform_all(model, dense, [("gather" if s_ == "conv" else s_, p) for s_, p in wanted],
+                          input_shape=shape)
     except (PruneError, CheckpointError) as exc:
         return model, None, f"exported as pruned (not re-formed for --target {target}): {exc}"
+    for (s_, p), (new, report) in zip(wanted, made, strict=True):
+        convs = s_ == "conv" and selections_as_convs(new, shape)[1] > 0  # none replaced: the gather file
+        key = (convs, tuple(sorted(report.widths.items())), tuple(la.form for la in report.layers))
+        if key not in seen:
+            seen.add(key)
+            forms[f"{s_}/{p}"] = (new, report)
     # batch 1 and a batch that fills the cores; 32 where an image is small (CIFAR-size and below)
     big = 32 if math.prod(shape) <= 3 * 64 * 64 else 8
-    chosen, times = fastest({k: v[0] for k, v in forms.items()}, shape, runtime=runtime, batches=(1, big),
-                            baseline=None if target == "ncnn" else dense.eval())
+    candidates = {k: v[0] for k, v in forms.items()}
+    chosen, times = (fastest(candidates, shape, runtime=runtime, batches=(1, big), baseline=dense.eval())
+                     if runtime is not None else (next(iter(candidates)), {}))
     new, report = forms[chosen]
     sel, _, p = chosen.partition("/")
     pad = int(p)

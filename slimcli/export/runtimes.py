@@ -33,7 +33,7 @@ import contextlib
 import importlib
 import subprocess
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -330,11 +330,27 @@ def check_runtimes(
     return checks
 
 
+def interleaved_latency(
+    blobs: Mapping[str, bytes], input_shape: tuple[int, int, int], runtime: str = "ort", *, batch: int = 1,
+    runs: int = 20, warmup: int = 2, threads: int | None = None, budget_s: float = 0.0, seed: int = 0,
+) -> dict[str, float]:
+    """Median ms of every ONNX model of ``blobs`` in ``runtime`` at ``batch``, all loaded at once
+    and timed interleaved on the same input (:func:`~slimcli.measure.interleaved_medians`)."""
+    x = np.random.default_rng(seed).standard_normal((batch, *input_shape), dtype=np.float32)
+    with contextlib.ExitStack() as stack:
+        fns = {}
+        for name, blob in blobs.items():
+            run = stack.enter_context(loaded_runtimes(blob, [runtime], input_shape, threads=threads))[runtime]
+            fns[name] = lambda run=run: run(x)
+        return interleaved_medians(fns, runs, warmup, budget_s=budget_s)
+
+
 __all__ = [
     "RUNTIMES",
     "RuntimeCheck",
     "check_runtimes",
     "install_hint",
+    "interleaved_latency",
     "loaded_runtimes",
     "parse_runtimes",
     "pnnx_to_ncnn",

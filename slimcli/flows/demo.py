@@ -22,7 +22,6 @@ on this demo's sparsified VGG-11 it keeps 84.7 % instead of 81.2 % right after p
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import math
@@ -33,17 +32,16 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from slimcli.checkpoint import load_checkpoint
 from slimcli.data import create_dataset
 from slimcli.errors import UsageError
 from slimcli.export import INPUT_NAME, OUTPUT_NAME, export_checkpoint
-from slimcli.export.runtimes import loaded_runtimes
+from slimcli.export.runtimes import interleaved_latency
 from slimcli.flows.inspect import inspect_checkpoint
 from slimcli.flows.prune import prune_checkpoint
-from slimcli.measure import interleaved_medians, measure
+from slimcli.measure import measure
 from slimcli.model import Normalizer, build_model, evaluate, normalization_of
 from slimcli.train import TrainConfig, train
 from slimcli.train.device import resolve_device
@@ -170,19 +168,6 @@ def _onnx_accuracy(path: Path, images: torch.Tensor, labels: torch.Tensor, model
     return correct / len(labels), differ
 
 
-def _interleaved_latency(files: dict[str, Path], shape: tuple[int, ...], runs: int) -> dict[str, float]:
-    """Batch-1 onnxruntime medians (ms) of ``files``, timed interleaved (empty when ``runs`` is 0)."""
-    if runs < 1:
-        return {}
-    x = np.random.default_rng(0).standard_normal((1, *shape), dtype=np.float32)
-    with contextlib.ExitStack() as stack:
-        fns = {}
-        for name, path in files.items():
-            run = stack.enter_context(loaded_runtimes(path.read_bytes(), ["ort"], shape))["ort"]
-            fns[name] = lambda run=run: run(x)
-        return interleaved_medians(fns, runs, 5)
-
-
 def run_demo(
     settings: DemoSettings | None = None,
     out: str | os.PathLike[str] | None = None,
@@ -282,8 +267,10 @@ def run_demo(
     dense_onnx = export_checkpoint(dense_ckpt, root / "dense.onnx", **export_opts)
     final_onnx = export_checkpoint(final_ckpt, root / "model.onnx", **export_opts)
     # dense and slim timed in one interleaved measurement, so that their ratio means something
-    latency = _interleaved_latency({"dense": dense_onnx.path, "onnx": final_onnx.path},
-                                   tuple(final_ckpt.input_shape), settings.latency_runs)
+    latency = interleaved_latency(
+        {"dense": dense_onnx.path.read_bytes(), "onnx": final_onnx.path.read_bytes()},
+        tuple(final_ckpt.input_shape), runs=settings.latency_runs, warmup=5,
+    ) if settings.latency_runs else {}
     lap("export", t0)
 
     # 6. verify: the ONNX file on the whole test set in onnxruntime -------------------------------

@@ -99,39 +99,52 @@ def _rel(a: Tensor, b: Tensor) -> float:
     return float((a - b).abs().max() / max(1.0, float(b.abs().max())))
 
 
+def reform_all(
+    model: nn.Module, dense: nn.Module, forms: Sequence[tuple[str, int]], *,
+    input_shape: Sequence[int] | None = None, tolerance: float = 1e-5, seed: int = 0,
+) -> list[tuple[GraphModule, PruneReport]]:
+    """``model`` (a slim model) realised in each of ``forms`` — (selections, pad_to): selections as
+    in :func:`~slimcli.prune.surgery.prune_model`, kept counts padded to multiples of pad_to. Returns
+    (new slim model, prune report) per form, each checked equal to ``model``; the masked dense model,
+    its analysis and the reference output are computed once for all of them."""
+    for selections, pad_to in forms:
+        if selections not in SELECTIONS:
+            raise PruneError(f"selections must be one of {', '.join(SELECTIONS)}, got {selections!r}")
+        if isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < 1:
+            raise PruneError(f"pad_to must be an integer >= 1, got {pad_to!r}")
+    shape = tuple(input_shape if input_shape is not None else getattr(dense, "input_shape", ()))
+    coupling = str(getattr(model, "slim_coupling", None) or "auto")
+    masked = unprune(model, dense, input_shape=shape)
+    bns = analyze(copy.deepcopy(masked), shape, coupling=coupling).bns
+    live = {n: m for n, m in _live(masked, model.slim_keep).items() if n in bns and bns[n].prunable}
+    if any(b.classes is not None for b in bns.values()):
+        live = couple_masks(live, bns)
+    modules = _bns(masked)
+    scores = {n: modules[n].weight.detach().abs().cpu() for n in live}
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        want = copy.deepcopy(model).to("cpu", torch.float32).eval()(x)
+    out = []
+    for selections, pad_to in forms:
+        masks = round_up(live, scores, bns, pad_to) if pad_to > 1 else live
+        slim, report = prune_model(masked, masks, input_shape=shape, coupling=coupling, selections=selections)
+        slim.slim_form = {"selections": selections, "pad_to": pad_to}
+        with torch.no_grad():
+            diff = _rel(slim.eval()(x), want)
+        if not diff <= tolerance:
+            raise PruneError(f"the re-formed model differs from the slim model by {diff:.3g} relative (> "
+                             f"{tolerance:g}); export it as pruned instead")
+        out.append((slim, report))
+    return out
+
+
 def reform(
     model: nn.Module, dense: nn.Module, *, selections: str = "auto", pad_to: int = 1,
     input_shape: Sequence[int] | None = None, tolerance: float = 1e-5, seed: int = 0,
 ) -> tuple[GraphModule, PruneReport]:
-    """``model`` (a slim model) realised with ``selections`` and kept counts padded to multiples of
-    ``pad_to``; returns the new slim model (checked equal to ``model``) and its prune report."""
-    if selections not in SELECTIONS:
-        raise PruneError(f"selections must be one of {', '.join(SELECTIONS)}, got {selections!r}")
-    if isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < 1:
-        raise PruneError(f"pad_to must be an integer >= 1, got {pad_to!r}")
-    shape = tuple(input_shape if input_shape is not None else getattr(dense, "input_shape", ()))
-    keep: Mapping[str, Tensor] = model.slim_keep  # type: ignore[assignment]
-    coupling = str(getattr(model, "slim_coupling", None) or "auto")
-    masked = unprune(model, dense, input_shape=shape)
-    bns = analyze(copy.deepcopy(masked), shape, coupling=coupling).bns
-    masks = {n: m for n, m in _live(masked, keep).items() if n in bns and bns[n].prunable}
-    if any(b.classes is not None for b in bns.values()):
-        masks = couple_masks(masks, bns)
-    if pad_to > 1:
-        modules = _bns(masked)
-        scores = {n: modules[n].weight.detach().abs().cpu() for n in masks}
-        masks = round_up(masks, scores, bns, pad_to)
-    slim, report = prune_model(masked, masks, input_shape=shape, coupling=coupling, selections=selections)
-    slim.slim_form = {"selections": selections, "pad_to": pad_to}
-    ref = copy.deepcopy(model).to("cpu", torch.float32).eval()
-    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        want, got = ref(x), slim.eval()(x)
-    diff = _rel(got, want)
-    if not diff <= tolerance:
-        raise PruneError(f"the re-formed model differs from the slim model by {diff:.3g} relative (> "
-                         f"{tolerance:g}); export it as pruned instead")
-    return slim, report
+    """:func:`reform_all` for one form: the new slim model (checked equal to ``model``) and its report."""
+    return reform_all(model, dense, [(selections, pad_to)], input_shape=input_shape, tolerance=tolerance,
+                      seed=seed)[0]
 
 
 def form_summary(report: PruneReport) -> dict[str, Any]:
@@ -144,4 +157,4 @@ def form_summary(report: PruneReport) -> dict[str, Any]:
             "layers": {la.name: la.form for la in report.layers if la.form and la.form != "narrow"}}
 
 
-__all__ = ["form_summary", "reform", "unprune"]
+__all__ = ["form_summary", "reform", "reform_all", "unprune"]
