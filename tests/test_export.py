@@ -413,19 +413,21 @@ def test_metadata_props_present_and_parse(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------
 # checkpoints and the CLI
 # --------------------------------------------------------------------------------------
-def _pruned_checkpoint(path: Path) -> tuple[nn.Module, dict[str, int]]:
-    """A pruned pre-activation ResNet (channel selections included) saved as a slim checkpoint."""
+def _pruned_checkpoint(path: Path, arch: str = META["arch"]) -> tuple[nn.Module, dict[str, int]]:
+    """A pruned pre-activation ResNet (or ``arch``; channel selections included) saved as a slim
+    checkpoint."""
     from slimcli.archs import create_arch
     from slimcli.data import create_dataset
     from slimcli.prune import prunable_bns, prune_model
 
     torch.manual_seed(0)
-    dense = _randomize_bn(create_arch(META["arch"], 10, SHAPE))
+    dense = _randomize_bn(create_arch(arch, 10, SHAPE))
     bns = prunable_bns(dense, SHAPE)
     masks = {n: torch.arange(b.channels) % 3 != 1 for n, b in bns.items() if b.prunable}
     slim_model, report = prune_model(dense, masks, input_shape=SHAPE)
     ds = create_dataset(META["dataset"])
-    meta = {**META, "widths": report.widths, "normalization": {"mean": list(ds.mean), "std": list(ds.std)},
+    meta = {**META, "arch": arch, "widths": report.widths,
+            "normalization": {"mean": list(ds.mean), "std": list(ds.std)},
             "coupling": report.coupling, "keep": encode_keep(report.keep)}  # as slim prune writes them
     save_checkpoint(path, slim_model, meta)
     assert any(w < bns[n].channels for n, w in report.widths.items())
@@ -467,7 +469,8 @@ def test_export_checkpoint_has_slim_shapes_and_metadata(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("target", "selections", "pad"), [("generic", "zero", 4), ("ort", "auto", 2),
-                                                          ("generic", "gather", 1), ("generic", "conv", 2)])
+                                                          ("generic", "gather", 1), ("generic", "conv", 2),
+                                                          ("generic", "pieces", 1)])
 def test_export_re_forms_a_slim_model_for_its_target(tmp_path: Path, target: str, selections: str,
                                                      pad: int) -> None:
     """The file computes the checkpoint's model; widths padded, selections as the target wants."""
@@ -478,8 +481,9 @@ def test_export_re_forms_a_slim_model_for_its_target(tmp_path: Path, target: str
     assert report.notes and report.notes[0].startswith(f"re-formed for --target {target}")
     form = json.loads(report.metadata["slim.form"])
     assert form["pad_to"] == pad
-    if target == "ort":  # --selections not given: auto, zero and gather were timed, the fastest taken
-        assert set(form["timed"]["ms"]) <= {f"{s}/{pad}" for s in ("auto", "zero", "gather")} | {"dense"}
+    if target == "ort":  # --selections not given: auto, zero, gather, pieces were timed, the fastest taken
+        timed = {f"{s}/{pad}" for s in ("auto", "zero", "gather", "pieces")}
+        assert set(form["timed"]["ms"]) <= timed | {"dense"}
         selections = form["selections"]
     assert form["selections"] == selections
     assert form["as_pruned"]["params"] == sum(p.numel() for p in slim_model.parameters())
@@ -489,7 +493,7 @@ def test_export_re_forms_a_slim_model_for_its_target(tmp_path: Path, target: str
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     proto = onnx.load(str(tmp_path / "m.onnx"))
     gathers = sum(n.op_type == "Gather" for n in proto.graph.node)
-    assert (gathers == 0) == (selections in ("zero", "conv")) or selections == "auto"
+    assert (gathers == 0) == (selections in ("zero", "conv")) or selections in ("auto", "pieces")
     if selections == "conv":  # the selections became one-hot 1×1 convs
         as_pruned = sum(isinstance(m, ChannelSelection) for m in slim_model.modules())
         convs = len(_conv_weight_shapes(tmp_path / "m.onnx"))
@@ -500,6 +504,28 @@ def test_export_re_forms_a_slim_model_for_its_target(tmp_path: Path, target: str
              for c in (m.in_channels, m.out_channels)}
     for shape in _conv_weight_shapes(tmp_path / "m.onnx"):
         assert all(c % pad == 0 or c in dense for c in shape[:2]), shape  # padded, or a dense width
+
+
+def test_a_densenet_exported_with_pieces_reads_no_concatenation_through_a_gather(tmp_path: Path) -> None:
+    """--selections pieces: each layer's BN reads the pieces of the concatenation it selects from."""
+    ckpt_path = tmp_path / "pruned.safetensors"
+    slim_model, _ = _pruned_checkpoint(ckpt_path, "densenet40:depth=7,growth=4,stem=8")
+    report = export_checkpoint(load_checkpoint(ckpt_path), tmp_path / "m.onnx", latency_runs=0,
+                               selections="pieces", pad_to=1)
+    form = json.loads(report.metadata["slim.form"])
+    assert form["selections"] == "pieces" and form["forms"]["pieces"] >= 2
+    assert form["bn_as_depthwise_conv"] >= form["forms"]["pieces"]
+    assert {name for name, f in form["layers"].items() if f == "pieces"} <= set(slim_model.slim_widths)
+    x = torch.randn(5, *SHAPE)
+    got, want = _ort_run(tmp_path / "m.onnx", x), _torch_run(slim_model, x)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    made_by = {out: n.op_type for n in graph.node for out in n.output}
+    gathers = [n for n in graph.node if n.op_type == "Gather"]
+    assert gathers and not any(made_by.get(n.input[0]) == "Concat" for n in gathers)
+    # where a BN read a Gather, a depthwise conv does: no BatchNormalization is left behind one
+    assert not any(n.op_type == "BatchNormalization" and made_by.get(n.input[0]) == "Gather"
+                   for n in graph.node)
 
 
 @pytest.mark.parametrize("target", ["ncnn", "openvino"])

@@ -112,3 +112,101 @@ def test_selections_as_one_hot_convs_compute_the_same(name: str) -> None:
     assert n and replaced == n and not any(isinstance(m, ChannelSelection) for m in convs.modules())
     with torch.no_grad():
         torch.testing.assert_close(convs(_x(shape)), want, rtol=1e-6, atol=1e-6)
+
+
+def _gather_form(name: str, pad: int = 1):
+    _, _, slim, shape = slim_of(name)
+    new, report = reform(slim, TOYS[name][0](), selections="gather", pad_to=pad, input_shape=shape)
+    return slim, new, report, shape
+
+
+def _reads_a_concatenation(gm: torch.fx.GraphModule) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_module"
+               and isinstance(gm.get_submodule(str(n.target)), ChannelSelection)
+               and n.args[0].op == "call_function" and n.args[0].target is torch.cat)
+
+
+@pytest.mark.parametrize("pad", [1, 4])
+def test_selections_of_pieces_compute_the_same_and_read_no_concatenation(pad: int) -> None:
+    from slimcli.export.forms import selections_of_pieces
+
+    slim, new, report, shape = _gather_form("dense", pad)
+    before = _reads_a_concatenation(new)
+    assert before  # the toy DenseNet's BNs read concatenations through selections
+    with torch.no_grad():
+        want = new(_x(shape))
+    pieces, readers = selections_of_pieces(new, shape)
+    assert _reads_a_concatenation(pieces) == 0 and len(readers) == before
+    assert set(readers) <= {la.name for la in report.layers}  # the BNs reading them
+    with torch.no_grad():
+        torch.testing.assert_close(pieces(_x(shape)), want, rtol=0, atol=0)  # indexing only: bit-exact
+        torch.testing.assert_close(pieces(_x(shape)), slim(_x(shape)), rtol=1e-5, atol=1e-5)
+    summary = form_summary(report, {"pieces": readers})
+    assert summary["forms"]["pieces"] == len(readers)
+    assert all(summary["layers"][r] == "pieces" for r in readers)
+
+
+def test_selections_of_pieces_leave_a_model_without_concatenations_alone() -> None:
+    from slimcli.export.forms import selections_of_pieces
+
+    _, new, _, shape = _gather_form("preact")
+    code = new.code
+    assert selections_of_pieces(new, shape)[1] == [] and new.code == code
+
+
+@pytest.mark.parametrize("name", ["preact", "dense", "input_bn"])
+def test_a_batchnorm_after_a_selection_becomes_the_same_depthwise_conv(name: str) -> None:
+    from slimcli.export.forms import bns_as_depthwise
+
+    _, new, _, shape = _gather_form(name)
+    after = [n for n in new.graph.nodes if n.op == "call_module" and n.args
+             and isinstance(new.get_submodule(str(n.target)), nn.BatchNorm2d)
+             and isinstance(new.get_submodule(str(n.args[0].target)) if n.args[0].op == "call_module"
+                            else None, ChannelSelection)]
+    assert after
+    with torch.no_grad():
+        for n in after:  # non-trivial statistics, so the folding is tested
+            bn = new.get_submodule(str(n.target))
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+        want = new(_x(shape))
+    convs, replaced = bns_as_depthwise(new)
+    assert replaced == len(after)
+    for n in after:
+        conv = convs.get_submodule(str(n.target))
+        assert isinstance(conv, nn.Conv2d) and conv.groups == conv.in_channels == conv.out_channels
+    with torch.no_grad():
+        torch.testing.assert_close(convs(_x(shape)), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("selections", ["gather", "auto", "zero", "conv", "pieces"])
+def test_realise_checks_every_export_form(selections: str) -> None:
+    from slimcli.export.forms import SURGERY_SELECTIONS, realise
+
+    _, _, slim, shape = slim_of("dense")
+    new, _ = reform(slim, TOYS["dense"][0](), selections=SURGERY_SELECTIONS[selections], input_shape=shape)
+    out, done = realise(new, selections, shape)
+    with torch.no_grad():
+        torch.testing.assert_close(out(_x(shape)), slim(_x(shape)), rtol=1e-5, atol=1e-5)
+    assert ("pieces" in done) == (selections == "pieces")
+    assert ("convs" in done) == (selections == "conv")
+    if selections in ("gather", "pieces"):
+        assert done["bn_as_conv"] > 0
+    if selections == "zero":
+        assert done == {}
+
+
+def test_realise_refuses_a_rewrite_that_changes_the_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from slimcli.export import forms
+
+    _, new, _, shape = _gather_form("dense")
+
+    def broken(model, _shape):
+        for m in model.modules():
+            if isinstance(m, ChannelSelection):
+                m.indices = m.indices.flip(0)
+        return model, ["x"]
+
+    monkeypatch.setattr(forms, "selections_of_pieces", broken)
+    with pytest.raises(PruneError, match="differs from the slim model"):
+        forms.realise(new, "pieces", shape)

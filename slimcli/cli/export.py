@@ -143,11 +143,12 @@ def export(
              "for openvino and ncnn, checks the file there."
     ),
     selections: str | None = typer.Option(
-        None, "--selections", callback=one_of("auto", "gather", "zero", "conv"), show_default=False,
+        None, "--selections", callback=one_of("auto", "gather", "zero", "conv", "pieces"), show_default=False,
         help="How a pruned model's channel selections are realised in the file: gather (ONNX Gather), zero "
-             "(zeroed channels, no Gather), auto (a Gather only where it saves enough) or conv (each Gather "
-             "as a one-hot 1×1 conv). [default: by --target: zero for generic and ncnn; for ort and "
-             "openvino the fastest, timed there]"),
+             "(zeroed channels, no Gather), auto (a Gather only where it saves enough), conv (each Gather "
+             "as a one-hot 1×1 conv) or pieces (a selection of a concatenation reads its pieces: DenseNet). "
+             "[default: by --target: zero for generic and ncnn; for ort and openvino the fastest, timed "
+             "there]"),
     pad_to: int | None = typer.Option(
         None, "--pad-to", metavar="N", min=1, max=4096, show_default=False,
         help="Pad a pruned model's kept channel counts with zero channels to multiples of N (never past "

@@ -14,10 +14,13 @@ known to compute right in ncnn. See docs/export.md.
 
 from __future__ import annotations
 
+import operator
+from typing import Any
+
 import torch
 from torch import fx, nn
 
-from slimcli.errors import UsageError
+from slimcli.errors import PruneError, UsageError
 from slimcli.prune import ChannelSelection
 
 TARGETS = ("generic", "ort", "openvino", "ncnn")
@@ -25,9 +28,14 @@ TARGETS = ("generic", "ort", "openvino", "ncnn")
 TARGET_RUNTIME = {"generic": None, "ort": "ort", "openvino": "openvino", "ncnn": "ncnn"}
 
 
-#: how an exported file realises the selections: those of the pruning, and ``conv`` (the gathers of
-#: ``gather``, each exported as a 1×1 conv with one-hot weights: :func:`selections_as_convs`)
-EXPORT_SELECTIONS = ("auto", "gather", "zero", "conv")
+#: how an exported file realises the selections: those of the pruning, ``conv`` (the gathers of
+#: ``gather``, each exported as a 1×1 conv with one-hot weights: :func:`selections_as_convs`) and
+#: ``pieces`` (the gathers of ``gather``, but a selection of a concatenation reads its pieces:
+#: :func:`selections_of_pieces`)
+EXPORT_SELECTIONS = ("auto", "gather", "zero", "conv", "pieces")
+#: the surgery's realisation each export realisation starts from
+SURGERY_SELECTIONS = {"auto": "auto", "gather": "gather", "zero": "zero", "conv": "gather",
+                      "pieces": "gather"}
 
 #: per target: the realisations of the selections and the paddings a slim model is re-formed into,
 #: in order of preference (the safe default first, fewer MACs first), and the runtime that times
@@ -35,8 +43,8 @@ EXPORT_SELECTIONS = ("auto", "gather", "zero", "conv")
 #: (ncnn's converter mistranslates it); converting for ncnn per candidate would be too slow to time.
 TARGET_FORMS: dict[str, tuple[tuple[str, ...], tuple[int, ...], str | None]] = {
     "generic": (("zero",), (1, 8, 16), "ort"),
-    "ort": (("auto", "zero", "gather"), (1, 8, 16), "ort"),
-    "openvino": (("zero", "conv", "auto", "gather"), (1, 8, 16), "openvino"),
+    "ort": (("auto", "zero", "gather", "pieces"), (1, 8, 16), "ort"),
+    "openvino": (("zero", "conv", "auto", "gather", "pieces"), (1, 8, 16), "openvino"),
     "ncnn": (("zero",), (8,), None),
 }
 
@@ -179,7 +187,151 @@ def selections_as_convs(model: nn.Module, input_shape: tuple[int, int, int]) -> 
     return model, replaced
 
 
+def _is_selection(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), ChannelSelection)
+
+
+def bns_as_depthwise(model: nn.Module) -> tuple[nn.Module, int]:
+    """Replace every BatchNorm that reads a channel selection by the depthwise 1×1 conv it computes
+    in inference (scale γ/σ, bias β − γμ/σ); return the count. A ``Gather``'s output is in plain
+    NCHW: onnxruntime then runs the BatchNorm and the ReLU after it as two passes before converting
+    to its blocked layout, but converts a conv to its blocked kernels with the ReLU fused
+    (docs/benchmarks.md). ``model`` (a ``torch.fx.GraphModule``; others are left alone) is changed
+    in place."""
+    if not isinstance(model, fx.GraphModule):
+        return model, 0
+    replaced = 0
+    for node in model.graph.nodes:
+        if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        bn = model.get_submodule(str(node.target))
+        if (not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None or bn.running_var is None
+                or not _is_selection(model, node.args[0])):
+            continue
+        c = bn.num_features
+        conv = nn.Conv2d(c, c, 1, groups=c, bias=True).to(bn.running_mean.device)
+        with torch.no_grad():
+            scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+            weight = bn.weight.double() if bn.weight is not None else torch.ones_like(scale)
+            bias = bn.bias.double() if bn.bias is not None else torch.zeros_like(scale)
+            conv.weight.copy_((weight * scale).view(c, 1, 1, 1))
+            conv.bias.copy_(bias - weight * scale * bn.running_mean.double())
+        conv.requires_grad_(False)
+        parent, _, leaf = str(node.target).rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, conv)
+        replaced += 1
+    if replaced:
+        model.recompile()
+    return model, replaced
+
+
+def _cat_dim(node: fx.Node) -> int | None:
+    if node.op != "call_function" or node.target is not torch.cat or not node.args:
+        return None
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    meta = node.meta.get("tensor_meta")
+    rank = len(getattr(meta, "shape", ()))
+    return dim + rank if isinstance(dim, int) and dim < 0 and rank else dim
+
+
+def _pieces(node: fx.Node) -> list[fx.Node] | None:
+    """The tensors a chain of channel concatenations joins, in order (None: not all known)."""
+    if _cat_dim(node) != 1:
+        return [node]
+    out: list[fx.Node] = []
+    for arg in node.args[0]:
+        if not isinstance(arg, fx.Node):
+            return None
+        sub = _pieces(arg)
+        if sub is None:
+            return None
+        out += sub
+    return out
+
+
+def selections_of_pieces(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[nn.Module, list[str]]:
+    """Let every channel selection of a concatenation (DenseNet: each layer's BN reads all the
+    features before it) read the pieces instead: per piece its whole tensor, a slice or a smaller
+    selection, concatenated. The same numbers; the concatenations nobody else reads disappear,
+    with their copies, and each selection copies only what it keeps. Returns the model (a
+    ``torch.fx.GraphModule`` changed in place; others are left alone) and the names of the modules
+    that read the rewritten selections."""
+    if not isinstance(model, fx.GraphModule):
+        return model, []
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    with torch.no_grad():
+        ShapeProp(model).propagate(torch.zeros(1, *input_shape))
+    readers: list[str] = []
+    for node in list(model.graph.nodes):
+        if not _is_selection(model, node) or not isinstance(node.args[0], fx.Node):
+            continue
+        pieces = _pieces(node.args[0])
+        if pieces is None or len(pieces) < 2:
+            continue
+        widths = [getattr(p.meta.get("tensor_meta"), "shape", ())[1:2] for p in pieces]
+        if not all(widths):
+            continue
+        indices = model.get_submodule(str(node.target)).indices.reshape(-1)
+        parts: list[fx.Node] = []
+        start = 0
+        with model.graph.inserting_before(node):
+            for i, (piece, (width,)) in enumerate(zip(pieces, widths, strict=True)):
+                mine = indices[(indices >= start) & (indices < start + width)] - start
+                start += width
+                if mine.numel() == 0:
+                    continue
+                if mine.numel() == width and bool(torch.equal(mine.cpu(), torch.arange(width))):
+                    parts.append(piece)
+                elif bool((mine.diff() == 1).all()):
+                    lo, hi = int(mine[0]), int(mine[-1]) + 1
+                    cut = (piece, (slice(None), slice(lo, hi)))
+                    parts.append(model.graph.call_function(operator.getitem, cut))
+                else:
+                    name = f"{node.target}_piece{i}"
+                    model.add_submodule(name, ChannelSelection(mine))
+                    parts.append(model.graph.call_module(name, (piece,)))
+            joined = parts[0] if len(parts) == 1 else model.graph.call_function(torch.cat, (parts, 1))
+        readers += [str(u.target) for u in node.users if u.op == "call_module"]
+        node.replace_all_uses_with(joined)
+        model.graph.erase_node(node)
+    if readers:
+        model.graph.eliminate_dead_code()
+        model.delete_all_unused_submodules()
+        model.recompile()
+    return model, readers
+
+
+def realise(
+    model: nn.Module, selections: str, input_shape: tuple[int, ...], *, tolerance: float = 1e-5
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The export-level rewrites of a model re-formed with ``SURGERY_SELECTIONS[selections]``: one-hot
+    convs (``conv``), selections of pieces (``pieces``), and a BatchNorm after a selection as a
+    depthwise conv (every form with gathers). Checked: the result computes what ``model`` did
+    (a :class:`~slimcli.errors.PruneError` otherwise). Returns the model (changed in place) and
+    what was done: ``{"convs": n, "pieces": [reader names], "bn_as_conv": n}``, only non-empty."""
+    x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.eval()(x)
+    done: dict[str, Any] = {}
+    if selections == "conv":
+        model, done["convs"] = selections_as_convs(model, input_shape)
+    elif selections in ("gather", "auto", "pieces"):
+        model, done["bn_as_conv"] = bns_as_depthwise(model)
+        if selections == "pieces":
+            model, done["pieces"] = selections_of_pieces(model, input_shape)
+    done = {k: v for k, v in done.items() if v}
+    if done:
+        with torch.no_grad():
+            got = model.eval()(x)
+        diff = float((got - want).abs().max() / max(1.0, float(want.abs().max())))
+        if not diff <= tolerance:
+            raise PruneError(f"the {selections} form differs from the slim model by {diff:.3g} relative")
+    return model, done
+
+
 __all__ = [
-    "EXPORT_SELECTIONS", "TARGETS", "TARGET_FORMS", "TARGET_RUNTIME", "check_target",
-    "remove_identity_selections", "selections_as_convs", "target_form",
+    "EXPORT_SELECTIONS", "SURGERY_SELECTIONS", "TARGETS", "TARGET_FORMS", "TARGET_RUNTIME",
+    "bns_as_depthwise", "check_target", "realise", "remove_identity_selections", "selections_as_convs",
+    "selections_of_pieces", "target_form",
 ]

@@ -22,7 +22,7 @@ from slimcli.checkpoint import STAGES, Checkpoint
 from slimcli.data import create_dataset, no_downloads
 from slimcli.errors import CheckpointError, DataError, ExportError, PruneError, SlimError, UsageError
 from slimcli.export.choose import fastest
-from slimcli.export.forms import selections_as_convs, target_form
+from slimcli.export.forms import SURGERY_SELECTIONS, realise, target_form
 from slimcli.export.int8 import QUANTIZATION, Int8Report, compare_int8, int8_path, quantize_int8, set_metadata
 from slimcli.export.onnx import ExportReport, export_onnx
 from slimcli.export.runtimes import runtime_version
@@ -282,16 +282,24 @@ def reformed(
     seen = set()
     try:
         dense = dense_model(meta)
-        made = reform_all(model, dense, [("gather" if s_ == "conv" else s_, p) for s_, p in wanted],
-                          input_shape=shape)
+        made = reform_all(model, dense, [(SURGERY_SELECTIONS[s_], p) for s_, p in wanted], input_shape=shape)
     except (PruneError, CheckpointError) as exc:
         return model, None, f"exported as pruned (not re-formed for --target {target}): {exc}"
+    rewrites: dict[str, dict[str, Any]] = {}
     for (s_, p), (new, report) in zip(wanted, made, strict=True):
-        convs = s_ == "conv" and selections_as_convs(new, shape)[1] > 0  # none replaced: the gather file
-        key = (convs, tuple(sorted(report.widths.items())), tuple(la.form for la in report.layers))
+        try:
+            new, done = realise(new, s_, shape)
+        except PruneError:  # checked and found different: never exported; the other candidates are
+            continue
+        # a rewrite that changed nothing (no concatenation to read in pieces) is the gather file again
+        key = (tuple((k, len(v) if isinstance(v, list) else v) for k, v in sorted(done.items())),
+               tuple(sorted(report.widths.items())), tuple(la.form for la in report.layers))
         if key not in seen:
             seen.add(key)
             forms[f"{s_}/{p}"] = (new, report)
+            rewrites[f"{s_}/{p}"] = done
+    if not forms:
+        return model, None, f"exported as pruned (no form for --target {target} computed the same)"
     # batch 1 and a batch that fills the cores; 32 where an image is small (CIFAR-size and below)
     big = 32 if math.prod(shape) <= 3 * 64 * 64 else 8
     candidates = {k: v[0] for k, v in forms.items()}
@@ -301,9 +309,11 @@ def reformed(
     sel, _, p = chosen.partition("/")
     pad = int(p)
     before, after = measure(model, shape), measure(new, shape)
-    summary = form_summary(report)
+    summary = form_summary(report, rewrites[chosen])
     form = {"selections": sel, "pad_to": pad, "forms": summary["forms"], "layers": summary["layers"],
             "as_pruned": {"params": before.params, "macs": before.macs}}
+    if rewrites[chosen].get("bn_as_conv"):
+        form["bn_as_depthwise_conv"] = rewrites[chosen]["bn_as_conv"]
     counts = ", ".join(f"{v} {k}" for k, v in sorted(summary["forms"].items()) if k != "narrow")
     counts = f"selections {sel} ({counts})" if counts else "no channel selections"
     timed = ""

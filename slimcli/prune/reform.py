@@ -147,14 +147,16 @@ def reform(
                       seed=seed)[0]
 
 
-def form_summary(report: PruneReport) -> dict[str, Any]:
-    """Per-layer form counts and widths of a re-formed model (``slim.form`` of an exported file)."""
+def form_summary(report: PruneReport, rewrites: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Per-layer form counts and widths of a re-formed model (``slim.form`` of an exported file);
+    ``rewrites`` (of :func:`slimcli.export.forms.realise`) names the layers whose selection reads
+    the pieces of a concatenation (form ``pieces``)."""
+    pieces = set((rewrites or {}).get("pieces", ()))
+    layers = {la.name: ("pieces" if la.name in pieces else la.form) for la in report.layers if la.form}
     counts: dict[str, int] = {}
-    for layer in report.layers:
-        if layer.form:
-            counts[layer.form] = counts.get(layer.form, 0) + 1
+    for form in layers.values():
+        counts[form] = counts.get(form, 0) + 1
     return {"forms": counts, "widths": dict(report.widths),
-            "layers": {la.name: la.form for la in report.layers if la.form and la.form != "narrow"}}
-
+            "layers": {name: form for name, form in layers.items() if form != "narrow"}}
 
 __all__ = ["form_summary", "reform", "reform_all", "unprune"]
