@@ -670,3 +670,27 @@ def test_cli_no_real_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert code == 0, stderr
     assert "real-data check skipped" in stderr
     assert "random inputs (batch 1, 3)" in stdout and "test images" not in stdout and "latency" not in stdout
+
+
+def test_the_timed_choice_never_trusts_a_near_tie_with_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Near-ties with dense are noise: the best worst case wins; more MACs than dense must clearly win."""
+    from slimcli.export import choose
+
+    def net(width: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 4, 1))
+
+    models = {"zero": net(8), "onehot": net(32)}  # in order of preference; onehot has more MACs than dense
+    fake: dict[str, float] = {}
+    monkeypatch.setattr(choose, "time_forms", lambda m, *a, **k: {n: {1: fake[n], 32: fake[n]} for n in m})
+
+    def pick(**times: float) -> str:
+        fake.clear()
+        fake.update(times)
+        return choose.fastest(models, SHAPE, batches=(1, 32), baseline=net(16))[0]
+
+    assert pick(zero=8.0, onehot=9.0, dense=10.0) == "zero"  # clearly faster than dense
+    assert pick(zero=10.2, onehot=9.7, dense=10.0) == "zero"  # onehot only ties: its MACs say slower
+    assert pick(zero=10.2, onehot=8.5, dense=10.0) == "onehot"  # clearly faster despite its MACs
+    models = {"zero/1": net(8), "zero/8": net(12)}
+    assert pick(**{"zero/1": 9.8, "zero/8": 9.0, "dense": 10.0}) == "zero/8"  # 0.98× is no margin
+    assert pick(**{"zero/1": 9.0, "zero/8": 8.5, "dense": 10.0}) == "zero/1"  # both clear: preference
