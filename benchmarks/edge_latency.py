@@ -32,6 +32,7 @@ import torch
 
 from slimcli.archs import create_arch
 from slimcli.export import export_onnx
+from slimcli.export.forms import SURGERY_SELECTIONS, realise
 from slimcli.export.runtimes import check_runtimes, interleaved_latency, parse_runtimes, runtime_version
 from slimcli.measure import measure
 from slimcli.prune import compute_keep, prune_model
@@ -89,7 +90,7 @@ def main() -> None:
                     help="comma list of pruned forms: gather (slim prune's default), zero (--selections "
                          "zero), joint (--coupling joint), each optionally +rN (--round-to N), e.g. "
                          "gather,zero+r8,joint+r8; @SELECTIONS/PAD re-forms the pruned model as slim export "
-                         "does (e.g. gather@zero/16)")
+                         "does (e.g. gather@zero/16, gather@pieces/8; SELECTIONS as in slim export)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -113,10 +114,12 @@ def main() -> None:
                                         round_to=int(rnd) if rnd else 1)
                     key = f"{r:g} {form}"
                     models[key], _ = prune_model(dense, plan, input_shape=SHAPE, selections=selections)
-                    if reformed:  # as slim export re-forms it: @SELECTIONS/PAD (e.g. @zero/16)
+                    if reformed:  # as slim export re-forms it: @SELECTIONS/PAD (e.g. @zero/16, @pieces/8)
                         sel, _, pad = reformed.partition("/")
-                        models[key], _ = reform(models[key], create_arch(arch, 10, SHAPE), selections=sel,
-                                                pad_to=int(pad or 1), input_shape=SHAPE)
+                        models[key], _ = reform(models[key], create_arch(arch, 10, SHAPE),
+                                                selections=SURGERY_SELECTIONS[sel], pad_to=int(pad or 1),
+                                                input_shape=SHAPE)
+                        models[key], _ = realise(models[key], sel, SHAPE)
                     ratio_of[key] = r
             info: dict[str, dict[str, Any]] = {}
             blobs: dict[str, bytes] = {}
