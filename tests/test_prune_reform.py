@@ -210,3 +210,32 @@ def test_realise_refuses_a_rewrite_that_changes_the_numbers(monkeypatch: pytest.
     monkeypatch.setattr(forms, "selections_of_pieces", broken)
     with pytest.raises(PruneError, match="differs from the slim model"):
         forms.realise(new, "pieces", shape)
+
+
+def test_a_fused_batchnorm_activation_after_a_selection_is_kept() -> None:
+    """Only a plain BatchNorm2d becomes a depthwise conv: a subclass may apply more (BN + activation)."""
+    from slimcli.export.forms import bns_as_depthwise
+
+    class BNAct(nn.BatchNorm2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(super().forward(x))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sel, self.fused, self.plain = ChannelSelection([0, 2]), BNAct(2), nn.BatchNorm2d(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fused(self.sel(x)) + self.plain(self.sel(x))
+
+    class Leaves(torch.fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, name: str) -> bool:
+            return isinstance(m, (BNAct, ChannelSelection)) or super().is_leaf_module(m, name)
+
+    net = Net().eval()
+    gm = torch.fx.GraphModule(net, Leaves().trace(net))
+    x = torch.randn(2, 3, 4, 4)
+    want = gm(x)
+    out, replaced = bns_as_depthwise(gm)
+    assert replaced == 1 and isinstance(out.fused, BNAct) and isinstance(out.plain, nn.Conv2d)
+    torch.testing.assert_close(out(x), want, rtol=1e-5, atol=1e-5)

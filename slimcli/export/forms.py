@@ -205,7 +205,8 @@ def bns_as_depthwise(model: nn.Module) -> tuple[nn.Module, int]:
         if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
             continue
         bn = model.get_submodule(str(node.target))
-        if (not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None or bn.running_var is None
+        # exactly a BatchNorm2d: a subclass may do more (timm's BatchNormAct2d applies its activation)
+        if (type(bn) is not nn.BatchNorm2d or bn.running_mean is None or bn.running_var is None
                 or not _is_selection(model, node.args[0])):
             continue
         c = bn.num_features
