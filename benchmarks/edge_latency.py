@@ -32,11 +32,10 @@ import torch
 
 from slimcli.archs import create_arch
 from slimcli.export import export_onnx
-from slimcli.export.forms import SURGERY_SELECTIONS, realise
+from slimcli.export.forms import export_form
 from slimcli.export.runtimes import check_runtimes, interleaved_latency, parse_runtimes, runtime_version
 from slimcli.measure import measure
 from slimcli.prune import compute_keep, prune_model
-from slimcli.prune.reform import reform
 
 SHAPE = (3, 32, 32)
 
@@ -116,10 +115,8 @@ def main() -> None:
                     models[key], _ = prune_model(dense, plan, input_shape=SHAPE, selections=selections)
                     if reformed:  # as slim export re-forms it: @SELECTIONS/PAD (e.g. @zero/16, @pieces/8)
                         sel, _, pad = reformed.partition("/")
-                        models[key], _ = reform(models[key], create_arch(arch, 10, SHAPE),
-                                                selections=SURGERY_SELECTIONS[sel], pad_to=int(pad or 1),
-                                                input_shape=SHAPE)
-                        models[key], _ = realise(models[key], sel, SHAPE)
+                        models[key], _ = export_form(models[key], create_arch(arch, 10, SHAPE), sel,
+                                                     int(pad or 1), SHAPE)
                     ratio_of[key] = r
             info: dict[str, dict[str, Any]] = {}
             blobs: dict[str, bytes] = {}

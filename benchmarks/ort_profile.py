@@ -27,10 +27,9 @@ from edge_latency import SHAPE, random_gamma
 
 from slimcli.archs import create_arch
 from slimcli.export import export_onnx
-from slimcli.export.forms import SURGERY_SELECTIONS, realise
+from slimcli.export.forms import export_form
 from slimcli.measure import measure
 from slimcli.prune import compute_keep, prune_model
-from slimcli.prune.reform import reform
 
 
 def main() -> None:
@@ -54,9 +53,7 @@ def main() -> None:
                 model = dense
             else:
                 sel, _, pad = form.partition("/")
-                model, _ = reform(pruned, create_arch(args.arch, 10, SHAPE),
-                                  selections=SURGERY_SELECTIONS[sel], pad_to=int(pad or 1), input_shape=SHAPE)
-                model, _ = realise(model, sel, SHAPE)
+                model, _ = export_form(pruned, create_arch(args.arch, 10, SHAPE), sel, int(pad or 1), SHAPE)
             path = Path(tmp) / f"{form.replace('/', '_')}.onnx"
             export_onnx(model.eval(), path, input_shape=SHAPE, metadata={}, latency_runs=0)
             so = ort.SessionOptions()

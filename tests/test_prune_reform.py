@@ -239,3 +239,21 @@ def test_a_fused_batchnorm_activation_after_a_selection_is_kept() -> None:
     out, replaced = bns_as_depthwise(gm)
     assert replaced == 1 and isinstance(out.fused, BNAct) and isinstance(out.plain, nn.Conv2d)
     torch.testing.assert_close(out(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_selections_of_pieces_leave_a_selection_out_of_order_alone() -> None:
+    """Reading piece by piece keeps channel order increasing; a reordering selection stays as it is."""
+    from slimcli.export.forms import selections_of_pieces
+
+    _, new, _, shape = _gather_form("dense")
+    reordering = [n for n in new.graph.nodes if n.op == "call_module"
+                  and isinstance(new.get_submodule(str(n.target)), ChannelSelection)
+                  and n.args[0].op == "call_function" and n.args[0].target is torch.cat]
+    sel = new.get_submodule(str(reordering[0].target))
+    sel.indices = sel.indices.flip(0)
+    with torch.no_grad():
+        want = new(_x(shape))
+    pieces, readers = selections_of_pieces(new, shape)
+    assert _reads_a_concatenation(pieces) == 1 and len(readers) == len(reordering) - 1
+    with torch.no_grad():
+        torch.testing.assert_close(pieces(_x(shape)), want, rtol=0, atol=0)

@@ -22,6 +22,7 @@ from torch import fx, nn
 
 from slimcli.errors import PruneError, UsageError
 from slimcli.prune import ChannelSelection
+from slimcli.prune.reform import reform, rel_diff
 
 TARGETS = ("generic", "ort", "openvino", "ncnn")
 #: the runtime a target implies a check in (``generic`` implies none beyond onnxruntime's own)
@@ -274,6 +275,8 @@ def selections_of_pieces(model: nn.Module, input_shape: tuple[int, ...]) -> tupl
         if not all(widths):
             continue
         indices = model.get_submodule(str(node.target)).indices.reshape(-1)
+        if not bool((indices.diff() > 0).all()):  # reading piece by piece keeps only increasing order
+            continue
         parts: list[fx.Node] = []
         start = 0
         with model.graph.inserting_before(node):
@@ -282,7 +285,7 @@ def selections_of_pieces(model: nn.Module, input_shape: tuple[int, ...]) -> tupl
                 start += width
                 if mine.numel() == 0:
                     continue
-                if mine.numel() == width and bool(torch.equal(mine.cpu(), torch.arange(width))):
+                if mine.numel() == width:  # increasing and in range: all of it
                     parts.append(piece)
                 elif bool((mine.diff() == 1).all()):
                     lo, hi = int(mine[0]), int(mine[-1]) + 1
@@ -325,14 +328,25 @@ def realise(
     if done:
         with torch.no_grad():
             got = model.eval()(x)
-        diff = float((got - want).abs().max() / max(1.0, float(want.abs().max())))
+        diff = rel_diff(got, want)
         if not diff <= tolerance:
             raise PruneError(f"the {selections} form differs from the slim model by {diff:.3g} relative")
     return model, done
 
 
+
+def export_form(
+    model: nn.Module, dense: nn.Module, selections: str, pad_to: int, input_shape: tuple[int, ...]
+) -> tuple[nn.Module, dict[str, Any]]:
+    """``model`` (a slim model) as ``slim export --selections S --pad-to P`` writes it: re-formed
+    (:func:`~slimcli.prune.reform.reform`, ``dense`` its architecture) and :func:`realise`-d."""
+    new, _ = reform(model, dense, selections=SURGERY_SELECTIONS[selections], pad_to=pad_to,
+                    input_shape=input_shape)
+    return realise(new, selections, input_shape)
+
+
 __all__ = [
     "EXPORT_SELECTIONS", "SURGERY_SELECTIONS", "TARGETS", "TARGET_FORMS", "TARGET_RUNTIME",
-    "bns_as_depthwise", "check_target", "realise", "remove_identity_selections", "selections_as_convs",
-    "selections_of_pieces", "target_form",
+    "bns_as_depthwise", "check_target", "export_form", "realise", "remove_identity_selections",
+    "selections_as_convs", "selections_of_pieces", "target_form",
 ]

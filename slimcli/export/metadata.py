@@ -289,11 +289,12 @@ def reformed(
     for (s_, p), (new, report) in zip(wanted, made, strict=True):
         try:
             new, done = realise(new, s_, shape)
-        except PruneError:  # checked and found different: never exported; the other candidates are
+        except PruneError:  # a rewrite that changed the numbers: this candidate is never exported
             continue
-        # a rewrite that changed nothing (no concatenation to read in pieces) is the gather file again
-        key = (tuple((k, len(v) if isinstance(v, list) else v) for k, v in sorted(done.items())),
-               tuple(sorted(report.widths.items())), tuple(la.form for la in report.layers))
+        # the same surgery and the same rewrites make the same file (pieces with no concatenation to
+        # read is the gather file again)
+        key = (tuple(sorted(done)), tuple(sorted(report.widths.items())),
+               tuple(la.form for la in report.layers))
         if key not in seen:
             seen.add(key)
             forms[f"{s_}/{p}"] = (new, report)

@@ -95,7 +95,8 @@ def _live(masked: nn.Module, keep: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _rel(a: Tensor, b: Tensor) -> float:
+def rel_diff(a: Tensor, b: Tensor) -> float:
+    """max |a − b| / max(1, max |b|): the relative difference every re-formed model is checked by."""
     return float((a - b).abs().max() / max(1.0, float(b.abs().max())))
 
 
@@ -130,7 +131,7 @@ def reform_all(
         slim, report = prune_model(masked, masks, input_shape=shape, coupling=coupling, selections=selections)
         slim.slim_form = {"selections": selections, "pad_to": pad_to}
         with torch.no_grad():
-            diff = _rel(slim.eval()(x), want)
+            diff = rel_diff(slim.eval()(x), want)
         if not diff <= tolerance:
             raise PruneError(f"the re-formed model differs from the slim model by {diff:.3g} relative (> "
                              f"{tolerance:g}); export it as pruned instead")
@@ -159,4 +160,4 @@ def form_summary(report: PruneReport, rewrites: Mapping[str, Any] | None = None)
     return {"forms": counts, "widths": dict(report.widths),
             "layers": {name: form for name, form in layers.items() if form != "narrow"}}
 
-__all__ = ["form_summary", "reform", "reform_all", "unprune"]
+__all__ = ["form_summary", "reform", "reform_all", "rel_diff", "unprune"]
