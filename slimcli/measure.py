@@ -123,6 +123,25 @@ def human(n: float) -> str:
     return f"{n:g}"
 
 
+def ort_options(ort: Any, threads: int | None = None) -> Any:
+    """The onnxruntime session options of every session slim creates (``ort``: the module).
+
+    ``session.force_spinning_stop``: onnxruntime's worker threads spin for a while after a run,
+    waiting for more work. With several sessions alive — the dense model and the candidates that
+    are timed interleaved — one session's spinning workers take the cores from the next one's run:
+    measured on 2 cores, interleaved ResNet-164 runs took 1.4× (batch 32) to 2.4× (batch 1) their
+    time alone, and the *ratios* moved too (benchmarks/ort_spinning.py). With the option, workers
+    spin during a run (where it helps) and stop when it returns: interleaved times equal the times
+    of each model run alone.
+    """
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only: warnings would go to stderr unasked
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
+    return opts
+
+
 def onnx_latency_ms(
     model_bytes: bytes, x: Tensor, runs: int = 50, warmup: int = 5, *, input_name: str = "input",
     output_name: str = "logits", threads: int | None = None,
@@ -135,11 +154,8 @@ def onnx_latency_ms(
         return None
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # errors only: warnings would go to stderr unasked
-    if threads:
-        opts.intra_op_num_threads = threads
-    session = ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model_bytes, sess_options=ort_options(ort, threads),
+                                   providers=["CPUExecutionProvider"])
     feed = {input_name: x.numpy()}
     for _ in range(max(0, warmup)):
         session.run([output_name], feed)
@@ -184,4 +200,5 @@ def interleaved_medians(
 
 __all__ = [
     "LayerCost", "Measurement", "count_params", "human", "interleaved_medians", "measure", "onnx_latency_ms",
+    "ort_options",
 ]

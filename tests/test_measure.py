@@ -119,3 +119,28 @@ def test_human() -> None:
     assert human(398_136_320) == "398.1M"
     assert human(1_703_258) == "1.703M"
     assert human(512) == "512"
+
+
+def test_every_slim_onnxruntime_session_stops_spinning_after_a_run() -> None:
+    """Interleaved timing needs each session's workers idle between its runs (benchmarks/ort_spinning.py);
+    the parity checks, the timed choice, ``--check-runtimes`` and the demo all get their sessions here."""
+    ort = pytest.importorskip("onnxruntime")
+    from slimcli.export import verify
+    from slimcli.measure import ort_options
+
+    opts = ort_options(ort, 2)
+    assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert opts.intra_op_num_threads == 2
+    assert ort_options(ort).intra_op_num_threads == ort.SessionOptions().intra_op_num_threads
+    seen = []
+
+    class Spy:
+        SessionOptions = ort.SessionOptions
+
+        @staticmethod
+        def InferenceSession(model: bytes, sess_options: object, providers: list[str]) -> object:
+            seen.append(sess_options)
+            return object()
+
+    verify.session_for(Spy, b"", threads=1)
+    assert seen[0].get_session_config_entry("session.force_spinning_stop") == "1"

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from slimcli.errors import ExportError
+from slimcli.measure import ort_options
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -71,10 +72,7 @@ def value_dims(value_info: Any) -> tuple[int | str, ...]:
 
 
 def session_for(ort: Any, model_bytes: bytes, threads: int | None = None) -> Any:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # errors only: warnings would go to stderr unasked
-    if threads:
-        opts.intra_op_num_threads = threads
+    opts = ort_options(ort, threads)
     return ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
 
 

@@ -41,7 +41,7 @@ from slimcli.export import INPUT_NAME, OUTPUT_NAME, export_checkpoint
 from slimcli.export.runtimes import interleaved_latency
 from slimcli.flows.inspect import inspect_checkpoint
 from slimcli.flows.prune import prune_checkpoint
-from slimcli.measure import measure
+from slimcli.measure import measure, ort_options
 from slimcli.model import Normalizer, build_model, evaluate, normalization_of
 from slimcli.train import TrainConfig, train
 from slimcli.train.device import resolve_device
@@ -152,8 +152,7 @@ def _onnx_accuracy(path: Path, images: torch.Tensor, labels: torch.Tensor, model
     import onnxruntime as ort
 
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts = ort_options(ort)
     session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     normalize = Normalizer(mean, std, torch.device("cpu"))  # the arithmetic training used
     correct = differ = 0
