@@ -28,7 +28,7 @@ from edge_latency import SHAPE, random_gamma
 from slimcli.archs import create_arch
 from slimcli.export import export_onnx
 from slimcli.export.forms import export_form
-from slimcli.measure import measure
+from slimcli.measure import measure, ort_options
 from slimcli.prune import compute_keep, prune_model
 
 
@@ -56,8 +56,7 @@ def main() -> None:
                 model, _ = export_form(pruned, create_arch(args.arch, 10, SHAPE), sel, int(pad or 1), SHAPE)
             path = Path(tmp) / f"{form.replace('/', '_')}.onnx"
             export_onnx(model.eval(), path, input_shape=SHAPE, metadata={}, latency_runs=0)
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = args.threads
+            so = ort_options(ort, args.threads)  # slim's session options (workers stop spinning after a run)
             so.enable_profiling = True
             so.profile_file_prefix = str(path.with_suffix(""))
             sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
