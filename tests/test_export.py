@@ -696,3 +696,6 @@ def test_the_timed_choice_never_trusts_a_near_tie_with_dense(monkeypatch: pytest
     models = {"zero/1": net(8), "zero/8": net(12)}
     assert pick(**{"zero/1": 9.8, "zero/8": 9.0, "dense": 10.0}) == "zero/8"  # 0.98× is no margin
     assert pick(**{"zero/1": 9.0, "zero/8": 8.5, "dense": 10.0}) == "zero/1"  # both clear: preference
+    models = {"zero": net(8), "gather": net(8)}
+    assert pick(zero=9.7, gather=9.6, dense=10.0) == "zero"  # neither clear of dense: no reason to move
+    assert pick(zero=10.3, gather=9.7, dense=10.0) == "gather"  # a clearly better worst case does

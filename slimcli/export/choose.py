@@ -10,8 +10,11 @@ preferred over one earlier in the caller's order (the target's safe default firs
 first) when it is measurably (> :data:`MARGIN`) faster; and where the dense model is timed too, a
 form that is not clearly faster than it at every batch (by half the margin; by the whole margin for a
 form with more MACs than the dense model, such as one-hot convs) gives way to the form with the best
-worst-case ratio among the others: a near-tie with the dense model is noise on a shared CPU, and a
-file with more MACs than the dense one that only ties with it is likely slower on the next machine.
+worst-case ratio among the others — among those measured no slower than dense, the first in the
+caller's order unless a later one's worst case is better by half the margin (the target's first
+form is the one whose speed is least in doubt). A near-tie with the dense
+model is noise on a shared CPU, and a file with more MACs than the dense one that only ties with it
+is likely slower on the next machine.
 """
 
 from __future__ import annotations
@@ -84,7 +87,14 @@ def fastest(
 
         if not safe(choice):
             eligible = [k for k in models if k not in heavy or safe(k)] or list(models)
-            choice = min(eligible, key=lambda k: worst[k])
+            not_slower = [k for k in eligible if worst[k] <= 1]
+            if not_slower:  # the first of these; a later one must earn its place by its worst case
+                choice = not_slower[0]
+                for k in not_slower[1:]:
+                    if worst[k] < worst[choice] - MARGIN / 2:
+                        choice = k
+            else:
+                choice = min(eligible, key=lambda k: worst[k])
     return choice, ({**times, "dense": base} if base else times)
 
 
