@@ -129,10 +129,11 @@ def ort_options(ort: Any, threads: int | None = None) -> Any:
     ``session.force_spinning_stop``: onnxruntime's worker threads spin for a while after a run,
     waiting for more work. With several sessions alive — the dense model and the candidates that
     are timed interleaved — one session's spinning workers take the cores from the next one's run:
-    measured on 2 cores, interleaved ResNet-164 runs took 1.4× (batch 32) to 2.4× (batch 1) their
+    measured on 2 cores, interleaved ResNet-164 runs took 1.3× (batch 32) to 3× (batch 1) their
     time alone, and the *ratios* moved too (benchmarks/ort_spinning.py). With the option, workers
-    spin during a run (where it helps) and stop when it returns: interleaved times equal the times
-    of each model run alone.
+    spin during a run (where it helps) and stop when it returns: interleaved times match the times
+    of each model run alone. (onnxruntime ≥ 1.17, the ``onnx`` extra's floor, knows the key; an
+    unknown config key would be ignored, not an error.)
     """
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only: warnings would go to stderr unasked

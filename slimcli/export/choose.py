@@ -12,9 +12,9 @@ form that is not clearly faster than it at every batch (by half the margin; by t
 form with more MACs than the dense model, such as one-hot convs) gives way to the form with the best
 worst-case ratio among the others — among those measured no slower than dense, the first in the
 caller's order unless a later one's worst case is better by half the margin (the target's first
-form is the one whose speed is least in doubt). A near-tie with the dense
-model is noise on a shared CPU, and a file with more MACs than the dense one that only ties with it
-is likely slower on the next machine.
+form is the one whose speed is least in doubt). A near-tie with the dense model is noise on a
+shared CPU, and a file with more MACs than the dense one that only ties with it is likely slower on
+the next machine.
 """
 
 from __future__ import annotations
