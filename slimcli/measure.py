@@ -132,8 +132,8 @@ def ort_options(ort: Any, threads: int | None = None) -> Any:
     measured on 2 cores, interleaved ResNet-164 runs took 1.3× (batch 32) to 3× (batch 1) their
     time alone, and the *ratios* moved too (benchmarks/ort_spinning.py). With the option, workers
     spin during a run (where it helps) and stop when it returns: interleaved times match the times
-    of each model run alone. (onnxruntime ≥ 1.17, the ``onnx`` extra's floor, knows the key; an
-    unknown config key would be ignored, not an error.)
+    of each model run alone. (An onnxruntime that did not know the key would ignore it: session
+    config keys are not validated.)
     """
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only: warnings would go to stderr unasked
