@@ -132,6 +132,8 @@ def test_every_slim_onnxruntime_session_stops_spinning_after_a_run() -> None:
     assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
     assert opts.intra_op_num_threads == 2
     assert ort_options(ort).intra_op_num_threads == ort.SessionOptions().intra_op_num_threads
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # timed alone: as deployed
+        ort_options(ort, stop_spinning=False).get_session_config_entry("session.force_spinning_stop")
     seen = []
 
     class Spy:
