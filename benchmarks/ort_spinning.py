@@ -23,26 +23,23 @@ Results and the command are in docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import torch
 from edge_latency import SHAPE, random_gamma
 
 from slimcli.archs import create_arch
 from slimcli.export import export_onnx
 from slimcli.export.forms import export_form
-from slimcli.measure import interleaved_medians, ort_options
+from slimcli.measure import interleaved_medians, onnx_latency_ms, ort_options
 from slimcli.prune import compute_keep, prune_model
 
 
 def session(path: Path, threads: int, stop: bool) -> ort.InferenceSession:
-    opts = ort_options(ort, threads) if stop else ort.SessionOptions()
-    if not stop:
-        opts.intra_op_num_threads = threads
+    opts = ort_options(ort, threads, stop_spinning=stop)
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
@@ -79,19 +76,9 @@ def main() -> None:
                 fns = {k: (lambda s=s, x=x: s.run(None, {"input": x})) for k, s in sessions.items()}
                 results[how] = interleaved_medians(fns, runs, warmup=2)
                 del sessions, fns
-            alone = {}
-            for name, path in paths.items():
-                s = session(path, args.threads, False)
-                for _ in range(2):
-                    s.run(None, {"input": x})
-                times = []
-                for _ in range(runs):
-                    t0 = time.perf_counter()
-                    s.run(None, {"input": x})
-                    times.append(time.perf_counter() - t0)
-                alone[name] = statistics.median(times) * 1e3
-                del s
-            results["alone"] = alone
+            # one session at a time, as slim export times a file alone (onnxruntime's spinning default)
+            results["alone"] = {name: onnx_latency_ms(path.read_bytes(), torch.from_numpy(x), runs, warmup=2,
+                                                      threads=args.threads) for name, path in paths.items()}
             for how in ("alone", "interleaved", "interleaved+stop"):
                 ms = results[how]
                 cells = " | ".join(f"{k} {ms[k]:.1f} ms ({ms[k] / ms['dense']:.2f}×)" for k in models)

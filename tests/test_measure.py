@@ -121,9 +121,10 @@ def test_human() -> None:
     assert human(512) == "512"
 
 
-def test_every_slim_onnxruntime_session_stops_spinning_after_a_run() -> None:
+def test_sessions_timed_together_stop_spinning_after_a_run() -> None:
     """Interleaved timing needs each session's workers idle between its runs (benchmarks/ort_spinning.py);
-    the parity checks, the timed choice, ``--check-runtimes`` and the demo all get their sessions here."""
+    the parity checks, the timed choice, ``--check-runtimes`` and the demo get their sessions here; a
+    file timed alone keeps onnxruntime's default."""
     ort = pytest.importorskip("onnxruntime")
     from slimcli.export import verify
     from slimcli.measure import ort_options

@@ -20,7 +20,7 @@ the next machine.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -52,6 +52,16 @@ def time_forms(
     return times
 
 
+def _preferred(keys: Sequence[str], better: Callable[[str, str], bool]) -> str:
+    """The first of ``keys`` (the caller's order of preference) unless a later one is ``better``
+    than the choice so far: a later form must earn its place."""
+    choice = keys[0]
+    for k in keys[1:]:
+        if better(k, choice):
+            choice = k
+    return choice
+
+
 def fastest(
     models: Mapping[str, nn.Module], input_shape: tuple[int, int, int], *, runtime: str = "ort",
     batches: Sequence[int] = (1, 8), runs: int = 7, threads: int | None = None,
@@ -71,11 +81,7 @@ def fastest(
     best = {b: min(t[b] for t in times.values()) for b in batches}
     score = {k: math.exp(sum(math.log(t[b] / best[b]) for b in batches) / len(batches))
              for k, t in times.items()}
-    choice = None
-    for k in models:  # in the caller's order of preference: a later one must earn its place
-        if choice is None or score[k] < score[choice] * (1 - MARGIN):
-            choice = k
-    assert choice is not None
+    choice = _preferred(list(models), lambda k, c: score[k] < score[c] * (1 - MARGIN))
     if base:  # never knowingly slower than the dense model: then the form with the best worst case
         worst = {k: max(t[b] / base[b] for b in batches) for k, t in times.items()}
         assert baseline is not None
@@ -88,13 +94,8 @@ def fastest(
         if not safe(choice):
             eligible = [k for k in models if k not in heavy or safe(k)] or list(models)
             not_slower = [k for k in eligible if worst[k] <= 1]
-            if not_slower:  # the first of these; a later one must earn its place by its worst case
-                choice = not_slower[0]
-                for k in not_slower[1:]:
-                    if worst[k] < worst[choice] - MARGIN / 2:
-                        choice = k
-            else:
-                choice = min(eligible, key=lambda k: worst[k])
+            choice = (_preferred(not_slower, lambda k, c: worst[k] < worst[c] - MARGIN / 2) if not_slower
+                      else min(eligible, key=lambda k: worst[k]))
     return choice, ({**times, "dense": base} if base else times)
 
 

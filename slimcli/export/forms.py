@@ -334,7 +334,6 @@ def realise(
     return model, done
 
 
-
 def export_form(
     model: nn.Module, dense: nn.Module, selections: str, pad_to: int, input_shape: tuple[int, ...]
 ) -> tuple[nn.Module, dict[str, Any]]:
